@@ -1,0 +1,42 @@
+"""Per-token role labels, derived from per-character roles through tokenizer offsets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokattr.data.arithmetic import (
+    DECIMAL_POINT,
+    DEMONSTRATION,
+    EQUALS,
+    FORMATTING,
+    OPERAND,
+    OPERATOR,
+    SIGN,
+)
+
+# A token that spans characters of several roles (``▁+`` spans a space and an operator; a
+# BPE token may span ``/-``) takes the first of its roles in this order.
+_PRIORITY = (OPERAND, OPERATOR, SIGN, DECIMAL_POINT, EQUALS, FORMATTING, DEMONSTRATION)
+
+
+def role_of_span(text: str, roles: Sequence[str], start: int, end: int) -> str:
+    """The role of the token covering ``text[start:end]`` (see ``_PRIORITY``).
+
+    Whitespace counts only when the token is nothing but whitespace (then ``formatting``,
+    or ``demonstration`` inside a demonstration).
+    """
+    inside = [roles[i] for i in range(start, end) if not text[i].isspace()]
+    if not inside:
+        inside = [roles[i] for i in range(start, end)] or [FORMATTING]
+    return min(inside, key=_PRIORITY.index)
+
+
+def token_roles(offsets: Sequence[tuple[int, int]], text: str, roles: Sequence[str]) -> list[str]:
+    """One role per token, from the token's character ``offsets`` into ``text``.
+
+    ``offsets`` are those of the prompt's tokens only (no BOS or other special tokens).
+    A zero-width token (e.g. a bare metaspace prepended at the start) is ``formatting``.
+    """
+    if len(roles) != len(text):
+        raise ValueError(f"{len(roles)} roles for {len(text)} characters")
+    return [role_of_span(text, roles, s, e) for s, e in offsets]
