@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,7 +68,20 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tok.convert_tokens_to_ids(";") in model.generation_config.eos_token_id
     record = json.loads((out / "training.json").read_text())
-    assert record["model"]["hidden_size"] == 32 and record["data"]["max_len"] == 48
+    (stage,) = record["stages"]
+    assert stage["model"]["hidden_size"] == 32 and stage["data"]["max_len"] == 48
+
+    # A second stage starts from exactly these weights and records both stages.
+    again = ArithLM(init_from=str(out), hidden_size=999, num_heads=1)
+    assert again.hparams.hidden_size == 32
+    torch.testing.assert_close(again.model(ids).logits, module.model(ids).logits)
+    out2 = export(again, data, tmp_path / "model2", {"steps": 0})
+    assert len(json.loads((out2 / "training.json").read_text())["stages"]) == 2
+
+
+def test_init_from_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_from: no model folder"):
+        ArithLM(init_from=str(tmp_path / "missing"))
 
 
 def _recording(step, sink):

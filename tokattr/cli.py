@@ -41,8 +41,10 @@ def eval_model(
     lm = load_model(model, device=device)
     record = lm.path / "training.json" if lm.path else None
     if record and record.is_file():
-        data_seed = json.loads(record.read_text())["data"]["seed"]
-        if seed == data_seed:
+        stages = json.loads(record.read_text()).get("stages", [])
+        if seed in {st["data"]["seed"] for st in stages} | {
+            st["data"]["val_seed"] for st in stages
+        }:
             raise ValueError(
                 f"seed {seed} is the seed {model} was trained on; pick another for fresh problems"
             )

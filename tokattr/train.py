@@ -198,6 +198,8 @@ class ArithLM(L.LightningModule):
         lr: peak learning rate of the one-cycle schedule.
         weight_decay: AdamW weight decay.
         warmup_pct: fraction of steps spent warming up.
+        init_from: continue from a model folder saved by an earlier stage (its architecture
+            replaces the size arguments above; its tokenizer must match).
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class ArithLM(L.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         warmup_pct: float = 0.05,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -232,9 +235,31 @@ class ArithLM(L.LightningModule):
             pad_token_id=tok.pad_token_id,
             tie_word_embeddings=True,
         )
-        self.model = LlamaForCausalLM(config)
+        if init_from is None:
+            self.model = LlamaForCausalLM(config)
+        else:
+            self.model = self._load_stage(init_from)
         self.val_names: list[str] = []
         self._losses: deque[float] = deque(maxlen=50)
+
+    def _load_stage(self, folder: str) -> LlamaForCausalLM:
+        path = Path(folder)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"init_from: no model folder at {path}")
+        model = LlamaForCausalLM.from_pretrained(path)
+        if model.config.vocab_size != len(self.tokenizer):
+            raise ValueError(
+                f"init_from: {path} has another vocabulary than the arithmetic tokenizer"
+            )
+        c = model.config
+        self.hparams.update(
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            max_position_embeddings=c.max_position_embeddings,
+        )
+        return model
 
     def recent_loss(self) -> float:
         """Mean training loss over the last 50 steps."""
@@ -331,24 +356,50 @@ def export(module: ArithLM, datamodule: ArithDataModule, out_dir: str | Path, in
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg.pop("backend", None)
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    record = {
+    stage = {
         "model": dict(module.hparams),
         "data": {**dict(datamodule.hparams), "mix": datamodule.mix},
-        "parameters": sum(p.numel() for p in model.parameters()),
         **info,
+    }
+    earlier: list[dict] = []
+    init_from = module.hparams.get("init_from")
+    if init_from and (Path(init_from) / "training.json").is_file():
+        earlier = json.loads((Path(init_from) / "training.json").read_text())["stages"]
+    record = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "stages": [*earlier, stage],
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
 def write_model_card(out_dir: str | Path, rows: list, eval_seed: int) -> None:
-    """``README.md`` in the model folder: architecture, data mix, steps, seeds, accuracy."""
+    """``README.md`` in the model folder: architecture, each training stage (command, steps,
+    seeds, data mix, time), and accuracy per bucket."""
     from tokattr.accuracy import accuracy_markdown
 
     out = Path(out_dir)
     rec = json.loads((out / "training.json").read_text())
-    m, d = rec["model"], rec["data"]
-    mix = "\n".join(f"| {k} | {v:.2f} |" for k, v in d["mix"].items())
+    stages = rec["stages"]
+    m = stages[-1]["model"]
+    buckets = list(dict.fromkeys(k for st in stages for k in st["data"]["mix"]))
+    head = " | ".join(f"stage {i + 1}" for i in range(len(stages)))
+    mix_rows = "\n".join(
+        f"| {b} | " + " | ".join(f"{st['data']['mix'].get(b, 0):.2f}" for st in stages) + " |"
+        for b in buckets
+    )
+    stage_text = []
+    for i, st in enumerate(stages, start=1):
+        d, sm = st["data"], st["model"]
+        stage_text.append(
+            f"""{i}. `{st["command"]}`: {st["steps"]} steps of {d["batch_size"]} packed chains of up
+   to {d["max_len"]} tokens ({st["problems_seen"]:,} problems), seed {st["seed"]} (data stream
+   seed {d["seed"]}); AdamW (weight decay {sm["weight_decay"]}), one-cycle schedule peaking at
+   {sm["lr"]}; {st["train_minutes"]:.1f} min wall on {st["machine"]}; final training loss
+   {st["final_loss"]:.4f} (mean of the last 50 steps)."""
+        )
+    total = sum(st["train_minutes"] for st in stages)
+    steps = "\n".join(stage_text)
     card = f"""# arith-tiny
 
 A small `LlamaForCausalLM` ({rec["parameters"] / 1e6:.2f}M parameters: hidden size
@@ -360,25 +411,25 @@ reference model of the tokattr benchmark. Load it with
 
 ## Training
 
-- Command: `tokattr train --config configs/train/arith_tiny.yaml`
-- Steps: {rec["steps"]} of {d["batch_size"]} packed chains of up to {d["max_len"]} tokens
-  ({rec["problems_seen"]:,} problems seen), seed {rec["seed"]} (data stream seed {d["seed"]}).
-- Optimiser: AdamW (weight decay {m["weight_decay"]}), one-cycle schedule peaking at {m["lr"]}.
-- Loss on answer tokens and the token that ends them (`;` or `</s>`) only.
-- Wall time: {rec["train_minutes"]:.1f} minutes on {rec["machine"]}.
-- Final training loss (mean of the last 50 steps): {rec["final_loss"]:.4f}.
+Lightning, on CPU; loss on answer tokens and on the token that ends them (`;` or `</s>`)
+only. Each training sequence chains several solved problems with `;`, so every problem after
+the first is also a query after demonstrations. Stages, each continuing from the one before:
 
-Data mix (query buckets; each training sequence chains several problems with `;`):
+{steps}
 
-| bucket | weight |
-|---|---:|
-{mix}
+Total training wall time: {total:.1f} minutes.
+
+Data mix (weights of the query buckets):
+
+| bucket | {head} |
+|---|{"---:|" * len(stages)}
+{mix_rows}
 
 ## Accuracy
 
-Greedy exact match on fresh problems (generator seed {eval_seed}, never used in training;
-small buckets such as two 2-digit multiplications have few distinct problems, so many of
-them also occur in training), measured with `tokattr eval-model --model arith-tiny`:
+Greedy exact match on fresh problems (generator seed {eval_seed}, never used in training),
+measured with `tokattr eval-model --model arith-tiny`. Small buckets have few distinct
+problems (two 2-digit multiplications: 8,100), so most of those also occur in training.
 
 {accuracy_markdown(rows)}
 
@@ -386,6 +437,7 @@ them also occur in training), measured with `tokattr eval-model --model arith-ti
 
 Trained only on the generator's formats: integers up to 3 digits (4 with `$` amounts),
 one-decimal operands, negative operands, `$A/-0.B=`. Anything else is out of distribution.
+Most remaining errors are carries and borrows in the tens or hundreds digit of `+` and `-`.
 """
     (out / "README.md").write_text(card)
 
@@ -443,6 +495,7 @@ def run_training(argv: list[str]) -> int:
 
         dm = cli.datamodule
         info = {
+            "command": "tokattr train " + " ".join(argv),
             "steps": cli.trainer.global_step,
             "seed": cfg.seed_everything,
             "problems_seen": dm.problems_seen,
