@@ -74,6 +74,8 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     # A second stage starts from exactly these weights and records both stages.
     again = ArithLM(init_from=str(out), hidden_size=999, num_heads=1)
     assert again.hparams.hidden_size == 32
+    assert again.model.training  # Lightning would otherwise train it in eval mode
+    again.model.eval()
     torch.testing.assert_close(again.model(ids).logits, module.model(ids).logits)
     out2 = export(again, data, tmp_path / "model2", {"steps": 0})
     assert len(json.loads((out2 / "training.json").read_text())["stages"]) == 2

@@ -13,6 +13,17 @@ from tokattr.models import LanguageModel
 SEED_PROMPT = "$16,000/-0.8="
 SEED_ANSWER = "-20000"
 
+BARS: dict[str, float] = {
+    "add": 0.98,
+    "sub": 0.98,
+    "div": 0.90,
+    "mul_1x2": 0.90,
+    "mul_2x2": 0.70,
+    "formatted": 0.80,
+    "seed_prompt": 1.0,
+}
+"""The project's greedy exact-match bars for the reference model, per bucket."""
+
 
 def stop_token_ids(lm: LanguageModel) -> list[int]:
     """Tokens that end an answer: EOS, and the demonstration separator if it is one token."""
@@ -118,8 +129,12 @@ def bucket_accuracy(
 
 
 def accuracy_markdown(rows: Sequence[BucketAccuracy]) -> str:
-    """A markdown table of :func:`bucket_accuracy` rows."""
-    lines = ["| bucket | correct | total | accuracy |", "|---|---:|---:|---:|"]
+    """A markdown table of :func:`bucket_accuracy` rows, with the :data:`BARS` they face."""
+    lines = ["| bucket | correct | total | accuracy | bar |", "|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.bucket} | {r.correct} | {r.total} | {r.accuracy:.1%} |")
+        bar = BARS.get(r.bucket)
+        verdict = (
+            "" if bar is None else f"≥ {bar:.0%} " + ("met" if r.accuracy >= bar else "**not met**")
+        )
+        lines.append(f"| {r.bucket} | {r.correct} | {r.total} | {r.accuracy:.1%} | {verdict} |")
     return "\n".join(lines)
