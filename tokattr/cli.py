@@ -62,6 +62,12 @@ def eval_model(
     Console().print(table)
 
 
+def _attribute(argv: list[str]) -> int:
+    from tokattr.attribute_cli import attribute_command
+
+    return _function_command(attribute_command)(argv)
+
+
 def _train(argv: list[str]) -> int:
     from tokattr.train import run_training
 
@@ -79,6 +85,7 @@ def _function_command(fn: Callable) -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "attribute": (_attribute, "token attributions of prompts: a token x method table, JSON"),
     "train": (
         _train,
         "train the arithmetic reference model (LightningCLI: fit, export, model card)",

@@ -1,0 +1,326 @@
+"""``attribute``: contract tests over every method, the API, errors, and the CLI command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny import ARCHS, tiny_lm
+
+from tokattr.accuracy import greedy_answers
+from tokattr.attribute_cli import attribute_command
+from tokattr.attribution import Attribution, attribute
+from tokattr.methods import METHODS
+from tokattr.targets import log_prob
+
+# Small hyper-parameters so every method runs in well under a second on a tiny model.
+FAST = {
+    "integrated_gradients": {"n_steps": 8},
+    "kernel_shap": {"n_samples": 40},
+    "shapley_sampling": {"n_samples": 3},
+}
+RANDOM_METHODS = {"kernel_shap", "shapley_sampling", "random"}
+SHORT, SHORT_ANSWER = "7x5=", "35"
+# Longer and shorter prompts, and a longer answer, so SHORT is padded on both sides.
+OTHERS = [("12+34=", "46"), ("9=", "9"), ("9-100=", "-91")]
+
+
+def run(lm, prompts, method, targets, **kw):
+    return attribute(lm, prompts, method, target=targets, **{**FAST.get(method, {}), **kw})
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_contract(arch, method):
+    lm = tiny_lm(arch)
+    prompts = [OTHERS[0][0], SHORT, *[p for p, _ in OTHERS[1:]]]
+    targets = [OTHERS[0][1], SHORT_ANSWER, *[a for _, a in OTHERS[1:]]]
+    batch = run(lm, prompts, method, targets, seed=[11, 12, 13, 14], batch_size=16)
+    alone = run(lm, SHORT, method, SHORT_ANSWER, seed=12, batch_size=16)
+    again = run(lm, SHORT, method, SHORT_ANSWER, seed=12, batch_size=16)
+
+    assert isinstance(alone, Attribution) and isinstance(batch, list) and len(batch) == 4
+    for res, prompt, answer in zip(batch, prompts, targets, strict=True):
+        assert res.method == method and res.target == answer and res.prompt == prompt
+        want_tokens = lm.tokenizer.convert_ids_to_tokens(lm.tokenizer(prompt)["input_ids"])[1:]
+        assert res.tokens == want_tokens  # the prompt's tokens, BOS dropped
+        assert "<s>" not in res.tokens
+        assert res.scores.dtype == torch.float32 and res.scores.device.type == "cpu"
+        assert res.scores.shape == (len(res.tokens),)
+        assert len(res.token_ids) == len(res.offsets) == len(res.tokens)
+        assert torch.isfinite(res.scores).all()
+        assert (res.model_evals == 0) == (method == "random")
+        assert math.isfinite(res.target_score) and res.time_ms >= 0
+    # Padding invariance: SHORT alone equals SHORT among longer and shorter prompts.
+    torch.testing.assert_close(batch[1].scores, alone.scores, atol=1e-5, rtol=1e-5)
+    # Determinism with a seed.
+    assert torch.equal(alone.scores, again.scores)
+    if method in RANDOM_METHODS:
+        other = run(lm, SHORT, method, SHORT_ANSWER, seed=13, batch_size=16)
+        assert not torch.equal(alone.scores, other.scores)  # the seed is used
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_forwards_are_batched(method):
+    """No forward takes more than batch_size sequences, and perturbations share forwards."""
+    lm = tiny_lm("llama")
+    calls = []
+
+    def counting(model, embeds, inputs):
+        calls.append(embeds.shape[0])
+        return log_prob(model, embeds, inputs)
+
+    prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    res = run(lm, prompts, method, targets, seed=0, batch_size=8, target_fn=counting)
+    counted = [c for c in calls]
+    # The last forward per batch computes f(x) for the report, outside the method.
+    method_calls = counted[:-1]
+    assert max(counted) <= 8
+    assert sum(method_calls) == sum(r.model_evals for r in res)
+    if method != "random":
+        per_call = sum(method_calls) / len(method_calls)
+        assert per_call >= 2, method_calls  # never one forward per perturbation
+
+
+def test_one_prompt_in_a_batch_uses_the_others_forwards():
+    """Occlusion ablates token k of every prompt in the same forward."""
+    lm = tiny_lm("llama")
+    calls = []
+
+    def counting(model, embeds, inputs):
+        calls.append(embeds.shape[0])
+        return log_prob(model, embeds, inputs)
+
+    prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
+    run(lm, prompts, "occlusion", [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]],
+        batch_size=64, target_fn=counting)  # fmt: skip
+    assert calls[:-1] == [3, 3 * 7]  # f(x) of the three rows, then 7 tokens x 3 rows
+
+
+def test_default_target_is_the_greedy_answer():
+    lm = tiny_lm("llama")
+    (greedy,) = greedy_answers(lm, [SHORT])
+    res = attribute(lm, SHORT, "occlusion")
+    assert res.target == greedy and greedy
+    explicit = attribute(lm, SHORT, "occlusion", target=greedy)
+    assert torch.equal(res.scores, explicit.scores)
+
+
+def test_target_score_is_the_answer_log_prob():
+    lm = tiny_lm("gpt2")
+    res = attribute(lm, SHORT, "saliency", target=SHORT_ANSWER)
+    ids = torch.tensor([lm.tokenizer(SHORT + SHORT_ANSWER)["input_ids"]])
+    with torch.no_grad():
+        logp = lm.model(input_ids=ids).logits[0].log_softmax(-1)
+    n = len(lm.tokenizer(SHORT)["input_ids"])
+    want = sum(float(logp[j - 1, ids[0, j]]) for j in range(n, ids.shape[1]))
+    assert abs(res.target_score - want) < 1e-5
+    assert res.answer_tokens == ["3", "5"]
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "exact_shapley"])
+def test_per_answer_token_rows_add_up_to_the_whole_answer(method):
+    """These methods are linear in the target, and log p(answer) is the sum over its tokens."""
+    lm = tiny_lm("llama")
+    whole = run(lm, SHORT, method, "355", batch_size=32)
+    rows = run(lm, SHORT, method, "355", batch_size=32, per_answer_token=True)
+    assert rows.scores.shape == (3, len(whole.tokens))
+    assert len(rows.target_score) == 3
+    torch.testing.assert_close(rows.scores.sum(0), whole.scores, atol=1e-5, rtol=1e-4)
+    assert abs(sum(rows.target_score) - whole.target_score) < 1e-5
+
+
+def test_seeds_per_prompt():
+    """A list of seeds (e.g. example ids) gives each prompt the scores it gets alone."""
+    lm = tiny_lm("llama")
+    prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    both = run(lm, prompts, "kernel_shap", targets, seed=[5, 6])
+    for res, p, t, s in zip(both, prompts, targets, [5, 6], strict=True):
+        alone = run(lm, p, "kernel_shap", t, seed=s)
+        torch.testing.assert_close(res.scores, alone.scores, atol=1e-5, rtol=1e-5)
+    # The global RNG is left alone by seeded runs.
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    run(lm, SHORT, "shapley_sampling", SHORT_ANSWER, seed=1)
+    assert torch.equal(torch.rand(1), expected)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "kernel_shap"])
+def test_batch_size_does_not_change_scores(method):
+    lm = tiny_lm("gpt2")
+    prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    small = run(lm, prompts, method, targets, seed=0, batch_size=3)
+    large = run(lm, prompts, method, targets, seed=0, batch_size=64)
+    for a, b in zip(small, large, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_baselines_differ_and_contrast_target():
+    # GPT-2: Llama's pad embedding is the zero vector (nn.Embedding padding_idx), so there
+    # "pad" and "zero" coincide.
+    lm = tiny_lm("gpt2")
+    scores = {
+        b: attribute(lm, SHORT, "occlusion", target=SHORT_ANSWER, baseline=b).scores
+        for b in ("pad", "unk", "zero")
+    }
+    assert not torch.allclose(scores["pad"], scores["zero"])
+    assert not torch.allclose(scores["pad"], scores["unk"])
+    ans = attribute(lm, SHORT, "occlusion", target=SHORT_ANSWER)
+    foil = attribute(lm, SHORT, "occlusion", target="36")
+    both = attribute(lm, SHORT, "occlusion", target=SHORT_ANSWER, target_fn="contrast", foil="36")
+    torch.testing.assert_close(both.scores, ans.scores - foil.scores, atol=1e-5, rtol=1e-4)
+    assert both.foil == "36" and both.target_fn == "contrast"
+    assert abs(both.target_score - (ans.target_score - foil.target_score)) < 1e-5
+
+
+def test_to_dict_is_json_ready():
+    lm = tiny_lm("llama")
+    res = attribute(lm, SHORT, "integrated_gradients", target=SHORT_ANSWER, n_steps=4)
+    record = json.loads(json.dumps(res.to_dict()))
+    assert record["tokens"] == res.tokens and len(record["scores"]) == len(res.tokens)
+    assert record["params"] == {"n_steps": 4, "method": "gausslegendre"}
+    assert isinstance(record["delta"], float)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(method="lime"), r"unknown method 'lime'; choose from \['exact_shapley'"),
+        (dict(method="occlusion", n_steps=3), r"unknown parameter\(s\) \['n_steps'\].*window"),
+        (dict(method="integrated_gradients", n_steps=0), "n_steps must be an integer >= 1"),
+        (dict(method="kernel_shap", n_samples=0), "n_samples must be an integer >= 1"),
+        (dict(method="occlusion", window=2, stride=3), "stride must be an integer in"),
+        (dict(method="occlusion", baseline="mean"), "unknown baseline 'mean'"),
+        (dict(method="occlusion", target_fn="loss"), "unknown target_fn 'loss'"),
+        (dict(method="occlusion", target_fn="contrast"), "needs a foil"),
+        (dict(method="occlusion", foil="3"), "only used with target_fn='contrast'"),
+        (dict(method="occlusion", batch_size=0), "batch_size must be"),
+        (dict(method="exact_shapley", max_tokens=4), "7 tokens, more than max_tokens=4"),
+    ],
+)
+def test_errors_name_the_problem(kwargs, message):
+    lm = tiny_lm("llama")
+    with pytest.raises(ValueError, match=message):
+        attribute(lm, "12+34=", target="46", **kwargs)
+
+
+def test_prompt_errors():
+    lm = tiny_lm("llama")
+    with pytest.raises(ValueError, match="empty prompt"):
+        attribute(lm, "", "occlusion", target="1")
+    with pytest.raises(ValueError, match="empty prompt"):
+        attribute(lm, ["1=", ""], "occlusion", target=["1", "2"])
+    with pytest.raises(ValueError, match="longer than the model's context of 128 tokens"):
+        attribute(lm, "1+" * 70 + "1=", "occlusion", target="71")
+    with pytest.raises(ValueError, match="2 targets for 1 prompts"):
+        attribute(lm, ["1="], "occlusion", target=["1", "2"])
+    with pytest.raises(ValueError, match="training mode"):
+        attribute(tiny_lm_in_training(), "1=", "occlusion", target="1")
+
+
+def tiny_lm_in_training():
+    import copy
+
+    lm = tiny_lm("gpt2")
+    model = copy.deepcopy(lm.model).train()
+    return type(lm)(model, lm.tokenizer, lm.name, lm.path)
+
+
+def test_nan_scores_are_refused():
+    lm = tiny_lm("llama")
+
+    def fragile(model, embeds, inputs):
+        """Finite on the prompt as written, NaN as soon as a token is removed."""
+        clean = model.get_input_embeddings()(inputs.labels)
+        perturbed = (embeds != clean).flatten(1).any(-1)
+        score = log_prob(model, embeds, inputs)
+        return torch.where(perturbed, torch.full_like(score, float("nan")), score)
+
+    with pytest.raises(ValueError, match="'occlusion' gave NaN/inf scores for prompt '7x5='"):
+        attribute(lm, SHORT, "occlusion", target=SHORT_ANSWER, target_fn=fragile)
+    with pytest.raises(ValueError, match="target score is not finite"):
+        attribute(lm, SHORT, "saliency", target=SHORT_ANSWER,
+                  target_fn=lambda m, e, i: log_prob(m, e, i) * float("inf"))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- CLI, imports
+
+
+def test_attribute_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "out" / "attr.json"
+    attribute_command(
+        model=str(folder),
+        prompt=[SHORT, "9="],
+        target=[SHORT_ANSWER, "9"],
+        method=["occlusion", "integrated_gradients"],
+        n_steps=4,
+        json_out=str(out),
+    )
+    printed = capsys.readouterr().out
+    assert "occlusion" in printed and "integrated" in printed and "gradients" in printed
+    assert "'▁'" in printed and "'x'" in printed and "'7x5=' -> '35'" in printed
+    records = json.loads(out.read_text())
+    assert [(r["prompt"], r["method"]) for r in records] == [
+        (SHORT, "occlusion"), (SHORT, "integrated_gradients"),
+        ("9=", "occlusion"), ("9=", "integrated_gradients"),
+    ]  # fmt: skip
+    assert records[1]["params"]["n_steps"] == 4
+    direct = attribute(lm, SHORT, "occlusion", target=SHORT_ANSWER)
+    assert records[0]["scores"] == pytest.approx(direct.scores.tolist(), abs=1e-6)
+
+
+def test_attribute_command_options_parse(tmp_path):
+    """The options as jsonargparse reads them from a command line (as ``tokattr attribute``)."""
+    from jsonargparse import auto_cli
+
+    lm = tiny_lm("gpt2")
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "attr.json"
+    argv = ["--model", str(folder), "--prompt+", SHORT, "--prompt+", "9=", "--target+", "35"]
+    argv += ["--target+", "9"]  # numbers stay strings with '+'; a list needs '["35", "9"]'
+    argv += ["--method+", "kernel_shap", "--method+", "random", "--n_samples", "12"]
+    argv += ["--seed", "3", "--batch_size", "4", "--baseline", "zero", "--json_out", str(out)]
+    auto_cli(attribute_command, args=argv, as_positional=False)
+    records = json.loads(out.read_text())
+    assert [r["prompt"] for r in records] == [SHORT, SHORT, "9=", "9="]
+    assert records[0]["params"] == {"n_samples": 12} and records[0]["seed"] == 3
+    assert records[0]["baseline"] == "zero" and records[2]["target"] == "9"
+
+
+def test_attribute_command_refuses_a_parameter_no_method_takes(tmp_path):
+    with pytest.raises(ValueError, match="--n_steps is not a parameter"):
+        attribute_command(model=str(tmp_path), method=["occlusion"], n_steps=3)
+    with pytest.raises(ValueError, match="unknown method 'ig'"):
+        attribute_command(model=str(tmp_path), method=["ig"])
+
+
+def test_attribute_command_help_documents_every_argument():
+    import inspect
+
+    doc = inspect.getdoc(attribute_command)
+    for name in inspect.signature(attribute_command).parameters:
+        assert f"    {name}:" in doc, name
+
+
+def test_core_modules_import_no_lightning_or_wandb():
+    code = (
+        "import sys, tokattr.attribution, tokattr.attribute_cli, tokattr.methods, "
+        "tokattr.targets, tokattr.batching, tokattr.accuracy; "
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'wandb') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,347 @@
+"""Each method against a reference: Captum, autograd, brute force, or a known answer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import captum.attr
+import numpy as np
+import pytest
+import torch
+from _tiny import ARCHS, baseline_embeds, direct_log_prob, model_problem, tiny_lm, unpadded
+
+from tokattr.attribution import attribute
+from tokattr.methods import (
+    METHODS,
+    ExactShapley,
+    InputXGradient,
+    IntegratedGradients,
+    KernelShap,
+    Occlusion,
+    Saliency,
+    ShapleyValueSampling,
+)
+from tokattr.methods.exact_shapley import shapley_from_values
+from tokattr.methods.kernel_shap import WeightedLeastSquares
+from tokattr.methods.problem import AttributionProblem
+from tokattr.targets import TargetInputs
+
+PROMPT, ANSWER = "12+3=", "15"  # features: ▁ 1 2 + 3 =
+
+
+# --------------------------------------------------------------------------- synthetic games
+
+
+def synthetic_problem(fn, x: torch.Tensor, batch_size: int = 8, seed: int | None = 0):
+    """One row ``[BOS] + n features + [answer]`` whose target is ``fn(features [rows, n, d])``.
+
+    Removing a feature sets it to the zero vector. The forward checks that BOS and the answer
+    column are never perturbed.
+    """
+    n, d = x.shape
+    bos, ans = torch.full((1, d), 5.0), torch.full((1, d), 7.0)
+    embeds = torch.cat([bos, x, ans])[None]  # [1, n+2, d]
+    feature_mask = torch.tensor([[False] + [True] * n + [False]])
+    baselines = torch.where(feature_mask[..., None], torch.zeros(()), embeds)
+    seq = n + 2
+    inputs = TargetInputs(
+        attention_mask=torch.ones(1, seq, dtype=torch.long),
+        position_ids=torch.arange(seq)[None],
+        labels=torch.zeros(1, seq, dtype=torch.long),
+        score_mask=torch.arange(seq)[None] == seq - 1,
+        slot_mask=torch.arange(seq)[None] == seq - 1,
+        example_index=torch.zeros(1, dtype=torch.long),
+    )
+
+    def forward(e: torch.Tensor, rows: TargetInputs) -> torch.Tensor:
+        torch.testing.assert_close(e[:, 0], bos.expand(e.shape[0], d))
+        torch.testing.assert_close(e[:, -1], ans.expand(e.shape[0], d))
+        assert e.shape[0] <= batch_size
+        return fn(e[:, 1 : n + 1])
+
+    return AttributionProblem(forward, embeds, baselines, feature_mask, inputs, batch_size, (seed,))
+
+
+def features(out, n):
+    assert (out.scores[:, 0] == 0).all() and (out.scores[:, -1] == 0).all()
+    return out.scores[0, 1 : n + 1]
+
+
+def test_occlusion_on_an_additive_function_returns_each_term():
+    torch.manual_seed(1)
+    x, w = torch.randn(5, 3), torch.randn(5, 3)
+
+    def fn(e):  # sum_j g_j(e_j), g_j(v) = sin(w_j . v); g_j(0) = 0
+        return torch.sin((e * w).sum(-1)).sum(-1)
+
+    out = Occlusion().attribute(synthetic_problem(fn, x))
+    torch.testing.assert_close(features(out, 5), torch.sin((x * w).sum(-1)))
+
+
+def test_saliency_and_input_x_gradient_on_a_linear_function():
+    torch.manual_seed(2)
+    x, w = torch.randn(4, 3), torch.randn(4, 3)
+
+    def fn(e):
+        return (e * w).sum((-1, -2))
+
+    problem = synthetic_problem(fn, x)
+    torch.testing.assert_close(features(Saliency().attribute(problem), 4), w.norm(dim=-1))
+    torch.testing.assert_close(features(InputXGradient().attribute(problem), 4), (x * w).sum(-1))
+
+
+def test_integrated_gradients_on_a_quadratic_is_exact():
+    """f = sum_j (w_j . e_j)^2: IG_j = (w_j . x_j)^2 exactly (baseline 0), up to quadrature."""
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 3), torch.randn(4, 3)
+    out = IntegratedGradients(n_steps=16).attribute(
+        synthetic_problem(lambda e: ((e * w).sum(-1) ** 2).sum(-1), x)
+    )
+    torch.testing.assert_close(features(out, 4), (x * w).sum(-1) ** 2)
+    assert abs(float(out.delta[0])) < 1e-4
+
+
+def _known_game(e):
+    """v(S) = sum a_i + 1.5 [0,1 in S] + 0.9 [2,3,4 in S], presence = feature != 0."""
+    present = (e.abs().sum(-1) > 0).double()  # [rows, n]
+    a = torch.arange(1, present.shape[1] + 1, dtype=torch.float64) / 10
+    pair = present[:, 0] * present[:, 1]
+    triple = present[:, 2] * present[:, 3] * present[:, 4]
+    return (present * a).sum(-1) + 1.5 * pair + 0.9 * triple
+
+
+def _known_values(n):
+    phi = torch.arange(1, n + 1, dtype=torch.float64) / 10
+    phi[:2] += 1.5 / 2
+    phi[2:5] += 0.9 / 3
+    return phi
+
+
+def test_exact_shapley_known_values_and_efficiency():
+    n = 7
+    out = ExactShapley().attribute(synthetic_problem(_known_game, torch.ones(n, 2), batch_size=16))
+    phi = features(out, n).double()
+    torch.testing.assert_close(phi, _known_values(n), atol=1e-6, rtol=1e-6)
+    full, empty = _known_game(torch.ones(1, n, 2)), _known_game(torch.zeros(1, n, 2))
+    assert abs(float(phi.sum() - (full - empty)[0])) < 1e-5
+
+
+def test_shapley_from_values_matches_the_permutation_definition():
+    torch.manual_seed(4)
+    n = 4
+    values = torch.randn(2**n, dtype=torch.float64)
+    want = torch.zeros(n, dtype=torch.float64)
+    for order in itertools.permutations(range(n)):
+        coalition = 0
+        for i in order:
+            want[i] += values[coalition | (1 << i)] - values[coalition]
+            coalition |= 1 << i
+    torch.testing.assert_close(shapley_from_values(values, n), want / math.factorial(n))
+
+
+@pytest.mark.parametrize(
+    ("method", "sizes"),
+    [(KernelShap, (16, 128, 1024)), (ShapleyValueSampling, (2, 16, 128))],
+)
+def test_sampling_error_to_exact_shapley_shrinks_with_samples(method, sizes):
+    n = 7
+    exact = _known_values(n)
+
+    def error(n_samples):
+        errs = []
+        for seed in range(4):
+            problem = synthetic_problem(_known_game, torch.ones(n, 2), batch_size=64, seed=seed)
+            phi = features(method(n_samples=n_samples).attribute(problem), n).double()
+            errs.append(float((phi - exact).norm()))
+        return np.mean(errs)
+
+    errors = [error(s) for s in sizes]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.4 * errors[0], errors
+
+
+def test_exact_shapley_refuses_too_many_tokens():
+    problem = synthetic_problem(_known_game, torch.ones(6, 2))
+    with pytest.raises(ValueError, match="6 tokens, more than max_tokens=5"):
+        ExactShapley(max_tokens=5).attribute(problem)
+
+
+def test_weighted_least_squares_matches_numpy():
+    torch.manual_seed(5)
+    x = (torch.rand(40, 6) > 0.5).float()
+    y, w = torch.randn(40), torch.rand(40) + 0.1
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, w), batch_size=40)
+    model = WeightedLeastSquares()
+    model.fit(data)
+    design = np.hstack([x.numpy(), np.ones((40, 1))]).astype(np.float64)
+    root = np.sqrt(w.numpy().astype(np.float64))[:, None]
+    sol = np.linalg.lstsq(design * root, y.numpy()[:, None] * root, rcond=None)[0][:, 0]
+    np.testing.assert_allclose(model.representation()[0].numpy(), sol[:-1], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _captum_inputs(lm, prompt=PROMPT, answer=ANSWER, how="pad"):
+    ids, n_prompt, cols = unpadded(lm, prompt, answer)
+    x, b = baseline_embeds(lm, ids, cols, how)
+    groups = torch.zeros(1, ids.shape[0], x.shape[-1], dtype=torch.long)
+    groups[0, cols] = torch.arange(len(cols))[:, None]  # BOS/answer: group 0, baseline = input
+
+    def f(e):
+        return direct_log_prob(lm, e, ids, n_prompt)
+
+    return cols, x, b, groups, f
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("how", ["pad", "unk", "zero"])
+def test_occlusion_equals_brute_force(arch, how):
+    lm = tiny_lm(arch)
+    cols, x, b, _, f = _captum_inputs(lm, how=how)
+    res = attribute(lm, PROMPT, "occlusion", target=ANSWER, baseline=how)
+    removed = x.repeat(len(cols), 1, 1)  # [n, seq, d] row k: token k removed
+    removed[torch.arange(len(cols)), cols] = b[0, cols]
+    with torch.no_grad():
+        want = f(x)[0] - f(removed)
+    torch.testing.assert_close(res.scores, want, rtol=1e-4, atol=1e-6)
+    assert res.model_evals == 1 + len(cols)
+
+
+def test_occlusion_windows_equal_brute_force():
+    lm = tiny_lm("llama")
+    cols, x, b, _, f = _captum_inputs(lm)
+    n = len(cols)
+    for window, stride in [(3, 1), (2, 2)]:
+        res = attribute(lm, PROMPT, "occlusion", target=ANSWER, window=window, stride=stride)
+        starts = list(range(0, n - window + 1, stride))
+        removed = x.repeat(len(starts), 1, 1)  # [windows, seq, d]
+        for k, start in enumerate(starts):
+            removed[k, cols[start : start + window]] = b[0, cols[start : start + window]]
+        with torch.no_grad():
+            drops = f(x)[0] - f(removed)  # [windows]
+        total, count = torch.zeros(n), torch.zeros(n)
+        for k, start in enumerate(starts):
+            total[start : start + window] += drops[k]
+            count[start : start + window] += 1
+        assert (count > 0).all()
+        torch.testing.assert_close(res.scores, total / count, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_shapley_equals_brute_force(arch):
+    lm = tiny_lm(arch)
+    cols, x, b, _, f = _captum_inputs(lm)
+    n = len(cols)
+    res = attribute(lm, PROMPT, "exact_shapley", target=ANSWER, batch_size=16)
+    subsets = [frozenset(s) for k in range(n + 1) for s in itertools.combinations(range(n), k)]
+    kept = b.repeat(len(subsets), 1, 1)  # [2^n, seq, d]
+    for row, s in enumerate(subsets):
+        kept[row, cols[sorted(s)]] = x[0, cols[sorted(s)]]
+    with torch.no_grad():
+        value = dict(zip(subsets, f(kept).tolist(), strict=True))
+    want = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        for s, v in value.items():
+            if i not in s:
+                w = math.factorial(len(s)) * math.factorial(n - len(s) - 1) / math.factorial(n)
+                want[i] += w * (value[s | {i}] - v)
+    torch.testing.assert_close(res.scores.double(), want, rtol=1e-4, atol=1e-6)
+    # Efficiency: the scores add up to f(all tokens) - f(no token).
+    assert abs(float(res.scores.sum()) - (value[frozenset(range(n))] - value[frozenset()])) < 1e-5
+    assert res.model_evals == 2**n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_integrated_gradients_equals_captum_and_is_complete(arch):
+    lm = tiny_lm(arch)
+    cols, x, b, _, f = _captum_inputs(lm)
+    res = attribute(lm, PROMPT, "integrated_gradients", target=ANSWER, n_steps=64, batch_size=32)
+    ig = captum.attr.IntegratedGradients(f)
+    want = ig.attribute(x, baselines=b, n_steps=64, method="gausslegendre")[0, cols].sum(-1)
+    torch.testing.assert_close(res.scores, want.float(), rtol=1e-4, atol=1e-5)
+    # Completeness: sum of scores = f(x) - f(baseline) (Sundararajan et al. 2017, prop. 1).
+    with torch.no_grad():
+        gap = float(f(x)[0] - f(b)[0])
+    assert abs(float(res.scores.sum()) - gap) <= 1e-2 * abs(gap)
+    assert abs(res.delta) <= 1e-2 * abs(gap)
+    assert res.model_evals == 64 + 2  # the path, plus f(x) and f(baseline) for the delta
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_methods_equal_autograd(arch):
+    lm = tiny_lm(arch)
+    cols, x, _, _, f = _captum_inputs(lm)
+    e = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(f(e).sum(), e)
+    sal = attribute(lm, PROMPT, "saliency", target=ANSWER)
+    ixg = attribute(lm, PROMPT, "input_x_gradient", target=ANSWER)
+    torch.testing.assert_close(sal.scores, grad[0, cols].norm(dim=-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ixg.scores, (grad * x)[0, cols].sum(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernel_shap_equals_captum_with_the_same_seed(arch):
+    lm = tiny_lm(arch)
+    cols, x, b, groups, f = _captum_inputs(lm)
+    res = attribute(lm, PROMPT, "kernel_shap", target=ANSWER, seed=7, n_samples=60, batch_size=16)
+    shap = captum.attr.KernelShap(f)
+    # scikit-learn (Captum's default solver) is not a dependency; same problem, exact solver.
+    shap.interpretable_model = WeightedLeastSquares()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = shap.attribute(
+            x, baselines=b, feature_mask=groups, n_samples=60, perturbations_per_eval=20
+        )[0, cols, 0]
+    torch.testing.assert_close(res.scores, want, rtol=1e-4, atol=1e-5)
+    assert res.model_evals == 60
+
+
+def test_kernel_shap_equals_captum_with_scikit_learn():
+    pytest.importorskip("sklearn")
+    lm = tiny_lm("llama")
+    cols, x, b, groups, f = _captum_inputs(lm)
+    res = attribute(lm, PROMPT, "kernel_shap", target=ANSWER, seed=7, n_samples=60)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = captum.attr.KernelShap(f).attribute(
+            x, baselines=b, feature_mask=groups, n_samples=60
+        )[0, cols, 0]
+    torch.testing.assert_close(res.scores, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapley_sampling_equals_captum_with_the_same_seed(arch):
+    lm = tiny_lm(arch)
+    cols, x, b, groups, f = _captum_inputs(lm)
+    res = attribute(lm, PROMPT, "shapley_sampling", target=ANSWER, seed=3, n_samples=5)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = captum.attr.ShapleyValueSampling(f).attribute(
+            x, baselines=b, feature_mask=groups, n_samples=5, perturbations_per_eval=len(cols)
+        )[0, cols, 0]
+    torch.testing.assert_close(res.scores, want, rtol=1e-4, atol=1e-6)
+    assert res.model_evals == 1 + 5 * len(cols)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scores_are_exactly_zero_off_the_features(method):
+    """BOS, left padding, the answer and right padding get exactly 0, whatever the method."""
+    lm = tiny_lm("llama")
+    problem, batch = model_problem(lm, ["7x5=", "12+34=", "9="], ["35", "46", "9999"])
+    params = {"n_steps": 4} if method == "integrated_gradients" else {}
+    if method in ("kernel_shap", "shapley_sampling"):
+        params = {"n_samples": 8}
+    out = METHODS[method](**params).attribute(problem)
+    assert out.scores.shape == batch.input_ids.shape and out.scores.dtype == torch.float32
+    assert (out.scores[~batch.feature_mask] == 0).all()
+    assert (out.scores[batch.feature_mask] != 0).float().mean() > 0.5  # not all zero
+
+
+def test_every_method_is_tested_here():
+    covered = {
+        "integrated_gradients", "saliency", "input_x_gradient", "occlusion", "kernel_shap",
+        "shapley_sampling", "exact_shapley", "random",
+    }  # fmt: skip
+    assert set(METHODS) == covered

@@ -1,0 +1,156 @@
+"""Target functions and the token batch: scores checked against full-sequence logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import ALL_ARCHS, tiny_lm
+
+from tokattr.batching import collate, encode_example
+from tokattr.targets import TARGETS, log_prob, target_inputs
+
+PROMPTS = ["12+3=", "$16,000/-0.8=", "7x5=", "4900/100="]
+ANSWERS = ["15", "-20000", "35", "49"]
+
+
+def direct_token_log_probs(lm, prompt: str, answer: str) -> torch.Tensor:
+    """log p of each answer token from one unpadded forward over prompt + answer. [n_answer]"""
+    tok = lm.tokenizer
+    n_prompt = len(tok(prompt)["input_ids"])
+    ids = torch.tensor([tok(prompt + answer)["input_ids"]])  # [1, seq]
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0].float()  # [seq, vocab]
+    logp = logits.log_softmax(-1)
+    cols = torch.arange(n_prompt, ids.shape[1])
+    return logp[cols - 1, ids[0, cols]]
+
+
+def batch_scores(lm, prompts, answers, target="log_prob", foils=None, per_answer_token=False):
+    examples = [
+        encode_example(lm.tokenizer, p, a, None if foils is None else foils[i], lm.max_length)
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]
+    batch = collate(lm.tokenizer, examples)
+    inputs = target_inputs(batch, per_answer_token)
+    embeds = lm.model.get_input_embeddings()(batch.input_ids[inputs.example_index])
+    with torch.no_grad():
+        return TARGETS[target](lm.model, embeds, inputs)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_log_prob_equals_full_sequence_logits(arch):
+    lm = tiny_lm(arch)
+    got = batch_scores(lm, PROMPTS, ANSWERS)  # one padded batch
+    want = torch.stack(
+        [direct_token_log_probs(lm, p, a).sum() for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    )
+    assert got.shape == (len(PROMPTS),)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_prob_logit_and_per_token(arch):
+    lm = tiny_lm(arch)
+    per_token = [direct_token_log_probs(lm, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    prob = batch_scores(lm, PROMPTS, ANSWERS, "prob")
+    torch.testing.assert_close(prob, torch.stack([t.sum().exp() for t in per_token]))
+    rows = batch_scores(lm, PROMPTS, ANSWERS, per_answer_token=True)
+    torch.testing.assert_close(rows, torch.cat(per_token), atol=1e-5, rtol=1e-5)
+
+    tok = lm.tokenizer
+    want_logits = []
+    for p, a in zip(PROMPTS, ANSWERS, strict=True):
+        ids = torch.tensor([tok(p + a)["input_ids"]])
+        n_prompt = len(tok(p)["input_ids"])
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0]
+        want_logits.append(logits[n_prompt - 1, ids[0, n_prompt]])
+    got = batch_scores(lm, PROMPTS, ANSWERS, "logit")
+    torch.testing.assert_close(got, torch.stack(want_logits), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_contrast_is_answer_minus_foil(arch):
+    lm = tiny_lm(arch)
+    foils = ["16", "20000", "3", "490"]  # shorter and longer than the answers
+    got = batch_scores(lm, PROMPTS, ANSWERS, "contrast", foils=foils)
+    want = torch.stack(
+        [
+            direct_token_log_probs(lm, p, a).sum() - direct_token_log_probs(lm, p, f).sum()
+            for p, a, f in zip(PROMPTS, ANSWERS, foils, strict=True)
+        ]
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_scores_do_not_depend_on_the_batch(arch):
+    """A prompt alone equals the same prompt left-padded among longer and shorter ones."""
+    lm = tiny_lm(arch)
+    alone = batch_scores(lm, ["7x5="], ["35"])
+    mixed = batch_scores(lm, ["$16,000/-0.8=", "7x5=", "1="], ["-20000", "35", "1"])
+    assert abs(float(alone[0]) - float(mixed[1])) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_models_honour_position_ids(arch):
+    """Without the right position ids a left-padded row would score differently: the models
+    read the ids we pass (GPT-2 absolutely, Llama through RoPE's relative offsets)."""
+    lm = tiny_lm(arch)
+    ids = torch.tensor([lm.tokenizer("12+3=15")["input_ids"]])
+    n = ids.shape[1]
+    with torch.no_grad():
+        straight = lm.model(input_ids=ids, position_ids=torch.arange(n)[None]).logits
+        gapped = torch.arange(n)[None] + (torch.arange(n)[None] >= 3) * 7  # a jump of 7
+        shifted = lm.model(input_ids=ids, position_ids=gapped).logits
+    # Random tiny weights move the logits by ~1e-3 here; float noise is ~1e-7.
+    assert (straight - shifted).abs().max() > 1e-5
+
+
+def test_layout_left_pads_prompts_and_right_pads_answers():
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    examples = [encode_example(tok, p, a) for p, a in [("12+3=", "15"), ("7=", "7000")]]
+    batch = collate(tok, examples)
+    assert batch.prompt_width == 7  # <s> ▁ 1 2 + 3 =
+    assert batch.input_ids.shape == (2, 7 + 4)
+    assert batch.attention_mask[1].tolist() == [0, 0, 0] + [1] * 8
+    assert batch.attention_mask[0].tolist() == [1] * 9 + [0, 0]
+    assert batch.position_ids[1, 3:].tolist() == list(range(8))
+    assert batch.tokens[1] == ["▁", "7", "="]  # no BOS
+    assert not batch.feature_mask[:, 0].any()  # BOS / padding column
+    assert batch.feature_mask.sum(-1).tolist() == [6, 3]
+    assert batch.answer_tokens == [["1", "5"], ["7", "0", "0", "0"]]
+    assert batch.answer_mask[1].nonzero().flatten().tolist() == [7, 8, 9, 10]
+    assert batch.offsets[0] == [
+        tuple(o) for o in tok("12+3=", return_offsets_mapping=True)["offset_mapping"][1:]
+    ]
+
+
+def test_answer_that_retokenizes_the_prompt_is_refused():
+    tok = tiny_lm("llama").tokenizer
+    # 'x' merges with the prompt's trailing metaspace: '▁' + 'x' -> '▁x'.
+    with pytest.raises(ValueError, match="not a prefix"):
+        encode_example(tok, "3 x 5 ", "x")
+
+
+def test_encoding_errors():
+    tok = tiny_lm("llama").tokenizer
+    with pytest.raises(ValueError, match="empty prompt"):
+        encode_example(tok, "", "1")
+    with pytest.raises(ValueError, match="empty answer"):
+        encode_example(tok, "1+1=", "")
+    with pytest.raises(ValueError, match="longer than the model's context of 20 tokens"):
+        encode_example(tok, "1+1=" * 5, "2", max_length=20)
+
+
+def test_log_prob_needs_an_answer_token():
+    lm = tiny_lm("llama")
+    batch = collate(lm.tokenizer, [encode_example(lm.tokenizer, "1+1=", "2")])
+    inputs = target_inputs(batch)
+    empty = type(inputs)(
+        *inputs.as_tuple()[:3], torch.zeros_like(inputs.score_mask), *inputs.as_tuple()[4:]
+    )
+    embeds = lm.model.get_input_embeddings()(batch.input_ids)
+    with pytest.raises(ValueError, match="no answer token"):
+        log_prob(lm.model, embeds, empty)

@@ -1,0 +1,338 @@
+"""``attribute``: prompts -> token batch -> target function -> method -> one Attribution each."""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tokattr.batching import TokenBatch, collate, encode_example
+from tokattr.methods import METHODS
+from tokattr.methods.problem import AttributionProblem, Method
+from tokattr.models import LanguageModel
+from tokattr.targets import TARGETS, TargetFunction, TargetInputs, contrast, target_inputs
+
+BASELINES = ("pad", "unk", "zero")
+"""How a removed token is replaced: the pad token's embedding (default), the unk token's, or
+the zero vector. Its position id is kept."""
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True, eq=False)
+class Attribution:
+    """One prompt's token attributions.
+
+    ``scores[i]`` belongs to ``tokens[i]``, the prompt's tokens as the tokenizer spells them
+    (BOS and other special tokens are never features). With ``per_answer_token=True``,
+    ``scores`` has one row per answer token (``[len(answer_tokens), len(tokens)]``) and
+    ``target_score`` / ``delta`` are lists with one entry per answer token.
+    """
+
+    tokens: list[str]
+    scores: Tensor  # [len(tokens)] float32 CPU ([len(answer_tokens), len(tokens)] per token)
+    target: str  # the answer attributed
+    method: str
+    prompt: str
+    token_ids: list[int]
+    offsets: list[tuple[int, int]]  # character span of each token in the prompt
+    answer_tokens: list[str]
+    target_fn: str  # which target function: log_prob, prob, logit, contrast
+    target_score: float | list[float]  # f(x), the target on the unperturbed prompt
+    baseline: str
+    params: dict[str, object] = field(default_factory=dict)  # the method's hyper-parameters
+    seed: int | None = None
+    model_evals: int = 0  # sequences this prompt put through the model (forward passes)
+    time_ms: float = 0.0  # wall time, shared equally by the rows computed together
+    delta: float | list[float] | None = None  # IG: sum(scores) - (f(x) - f(baseline))
+    foil: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (scores as nested lists)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "scores"}
+        out["scores"] = self.scores.tolist()
+        out["offsets"] = [list(o) for o in self.offsets]
+        return out
+
+
+def method_parameters(method: str) -> dict[str, inspect.Parameter]:
+    """The hyper-parameters a method takes, by name."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    params = inspect.signature(METHODS[method].__init__).parameters
+    return {
+        k: p
+        for k, p in params.items()
+        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def build_method(method: str, params: dict[str, object]) -> Method:
+    """An instance of ``METHODS[method]`` with ``params``, refusing unknown parameters."""
+    valid = method_parameters(method)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for method {method!r}; it takes "
+            f"{sorted(valid) or 'no parameters'}"
+        )
+    return METHODS[method](**params)
+
+
+def attribute(
+    lm: LanguageModel,
+    prompts: str | Sequence[str],
+    method: str = "integrated_gradients",
+    target: str | Sequence[str] | None = None,
+    baseline: str = "pad",
+    seed: int | Sequence[int | None] | None = None,
+    batch_size: int | None = None,
+    *,
+    target_fn: str | TargetFunction = "log_prob",
+    foil: str | Sequence[str] | None = None,
+    per_answer_token: bool = False,
+    **method_params: object,
+) -> Attribution | list[Attribution]:
+    """Attribute the model's score of an answer to each token of the prompt.
+
+    Args:
+        lm: the model and tokenizer (:func:`tokattr.load_model`).
+        prompts: one prompt (-> one :class:`Attribution`) or a list (-> a list).
+        method: a name in :data:`tokattr.METHODS`.
+        target: the answer to attribute, one per prompt; ``None``: the model's greedy answer.
+            It is appended to the prompt as given (``"Paris"`` vs ``" Paris"`` matters).
+        baseline: what replaces a removed token's embedding: ``"pad"`` (default), ``"unk"`` or
+            ``"zero"``; its position is kept. Used by every method except saliency,
+            input_x_gradient and random.
+        seed: seeds random methods (kernel_shap, shapley_sampling, random). An int seeds every
+            prompt with that value; a list gives each prompt its own (e.g. its example id), so a
+            prompt's scores do not depend on the other prompts. ``None``: global RNG.
+        batch_size: the most sequences in one forward pass (IG steps, perturbations and
+            prompts are packed up to it); default 64.
+        target_fn: ``"log_prob"`` (default: sum of the answer tokens' log-probabilities),
+            ``"prob"``, ``"logit"`` (first answer token), ``"contrast"`` (log p(target) -
+            log p(foil)), or a :data:`~tokattr.targets.TargetFunction`.
+        foil: the contrasting answer(s), for ``target_fn="contrast"`` only.
+        per_answer_token: attribute each answer token's score on its own (one row each).
+        **method_params: the method's hyper-parameters, e.g. ``n_steps=64``.
+
+    Raises:
+        ValueError: unknown method, method parameter, baseline or target function; an empty
+            prompt; prompt + answer longer than ``lm.max_length``; an answer that changes the
+            prompt's tokens; ``exact_shapley`` on too many tokens; NaN or inf scores.
+    """
+    runner = build_method(method, method_params)
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    fn, fn_name = _target_function(target_fn)
+    if lm.model.training:
+        raise ValueError(
+            "the model is in training mode (dropout would randomise scores); call .eval()"
+        )
+
+    single = isinstance(prompts, str)
+    prompt_list = [prompts] if single else list(prompts)
+    if not prompt_list:
+        raise ValueError("no prompts given")
+    answers = _per_prompt(target, prompt_list, "target")
+    foils = _per_prompt(foil, prompt_list, "foil")
+    seeds = _per_prompt_seed(seed, len(prompt_list))
+    if (fn is contrast) != (foils[0] is not None):
+        raise ValueError(
+            "target_fn='contrast' needs a foil for every prompt"
+            if fn is contrast
+            else "a foil is only used with target_fn='contrast'"
+        )
+    if per_answer_token and fn is contrast:
+        raise ValueError("per_answer_token does not apply to the contrast target")
+    for p in prompt_list:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"empty prompt: {p!r}; give a non-empty string")
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        from tokattr.accuracy import greedy_answers
+
+        greedy = greedy_answers(lm, [prompt_list[i] for i in missing])
+        for i, g in zip(missing, greedy, strict=True):
+            if not g:
+                raise ValueError(
+                    f"the model's greedy answer to {prompt_list[i]!r} is empty; pass target="
+                )
+            answers[i] = g
+
+    encoded = [
+        encode_example(lm.tokenizer, p, a, f, lm.max_length)
+        for p, a, f in zip(prompt_list, answers, foils, strict=True)
+    ]
+    results: list[Attribution] = []
+    for start in range(0, len(encoded), batch_size):
+        stop = min(start + batch_size, len(encoded))
+        batch = collate(lm.tokenizer, encoded[start:stop]).to(lm.device)
+        results += _attribute_batch(
+            lm,
+            batch,
+            runner,
+            fn,
+            baseline,
+            seeds[start:stop],
+            batch_size,
+            per_answer_token,
+            meta=dict(
+                method=method,
+                prompts=prompt_list[start:stop],
+                answers=answers[start:stop],
+                foils=foils[start:stop],
+                fn_name=fn_name,
+                params={k: getattr(runner, k) for k in method_parameters(method)},
+            ),
+        )
+    return results[0] if single else results
+
+
+def _attribute_batch(
+    lm: LanguageModel,
+    batch: TokenBatch,
+    runner: Method,
+    fn: TargetFunction,
+    baseline: str,
+    seeds: list[int | None],
+    batch_size: int,
+    per_answer_token: bool,
+    meta: dict,
+) -> list[Attribution]:
+    n_examples = batch.input_ids.shape[0]
+    model = lm.model
+    device = batch.input_ids.device
+    layer = model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = layer(batch.input_ids).detach()  # [batch, seq, d_model]
+        base = _baseline_vector(lm, baseline, layer.weight)  # [d_model]
+        baselines = torch.where(batch.feature_mask[..., None], base.to(embeds.dtype), embeds)
+
+    inputs = target_inputs(batch, per_answer_token)  # one row per example or answer token
+    row_of = inputs.example_index
+    passes = 2 if fn is contrast else 1
+    evals = torch.zeros(n_examples, dtype=torch.long)
+    millis = torch.zeros(n_examples, dtype=torch.float64)
+
+    def forward(x: Tensor, rows: TargetInputs) -> Tensor:
+        evals.add_(passes * torch.bincount(rows.example_index.cpu(), minlength=n_examples))
+        return fn(model, x, rows)
+
+    row_scores, row_delta, row_fx = [], [], []
+    for rows in torch.arange(len(row_of), device=device).split(batch_size):
+        problem = AttributionProblem(
+            forward=forward,
+            embeds=embeds[row_of[rows]],
+            baselines=baselines[row_of[rows]],
+            feature_mask=batch.feature_mask[row_of[rows]],
+            inputs=inputs.select(rows),
+            batch_size=batch_size,
+            seeds=tuple(seeds[b] for b in row_of[rows].tolist()),
+        )
+        t0 = time.perf_counter()
+        out = runner.attribute(problem)
+        elapsed = (time.perf_counter() - t0) * 1000 / len(rows)
+        millis.index_add_(
+            0, row_of[rows].cpu(), torch.full((len(rows),), elapsed, dtype=torch.float64)
+        )
+        with torch.no_grad():
+            row_fx.append(fn(model, problem.embeds, problem.inputs).float().cpu())
+        row_scores.append(out.scores.detach().float().cpu())
+        row_delta.append(None if out.delta is None else out.delta.float().cpu())
+    scores = torch.cat(row_scores)  # [rows, seq]
+    fx = torch.cat(row_fx)  # [rows]
+    delta = None if row_delta[0] is None else torch.cat(row_delta)  # [rows]
+
+    results = []
+    feature_mask = batch.feature_mask.cpu()
+    for b in range(n_examples):
+        mine = (row_of.cpu() == b).nonzero().flatten()
+        s = scores[mine][:, feature_mask[b]]  # [rows of b, n_tokens]
+        prompt, answer = meta["prompts"][b], meta["answers"][b]
+        if not torch.isfinite(fx[mine]).all():
+            raise ValueError(
+                f"the target score is not finite ({fx[mine].tolist()}) for prompt {prompt!r} "
+                f"and answer {answer!r}; use target_fn='log_prob' or a likelier answer"
+            )
+        if not torch.isfinite(s).all():
+            raise ValueError(
+                f"method {meta['method']!r} gave NaN/inf scores for prompt {prompt!r} and answer "
+                f"{answer!r} (target score {fx[mine].tolist()})"
+            )
+        if not per_answer_token:
+            s = s[0]
+        d = None if delta is None else delta[mine].tolist()
+        results.append(
+            Attribution(
+                tokens=batch.tokens[b],
+                scores=s.contiguous(),
+                target=answer,
+                method=meta["method"],
+                prompt=prompt,
+                token_ids=batch.token_ids[b],
+                offsets=batch.offsets[b],
+                answer_tokens=batch.answer_tokens[b],
+                target_fn=meta["fn_name"],
+                target_score=fx[mine].tolist() if per_answer_token else float(fx[mine][0]),
+                baseline=baseline,
+                params=meta["params"],
+                seed=seeds[b],
+                model_evals=int(evals[b]),
+                time_ms=float(millis[b]),
+                delta=d if per_answer_token or d is None else d[0],
+                foil=meta["foils"][b],
+            )
+        )
+    return results
+
+
+def _target_function(target_fn: str | TargetFunction) -> tuple[TargetFunction, str]:
+    if callable(target_fn):
+        return target_fn, getattr(target_fn, "__name__", "custom")
+    if target_fn not in TARGETS:
+        raise ValueError(f"unknown target_fn {target_fn!r}; choose from {sorted(TARGETS)}")
+    return TARGETS[target_fn], target_fn
+
+
+def _baseline_vector(lm: LanguageModel, baseline: str, weight: Tensor) -> Tensor:
+    if baseline == "zero":
+        return torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+    token_id = lm.tokenizer.pad_token_id if baseline == "pad" else lm.tokenizer.unk_token_id
+    if token_id is None:
+        raise ValueError(f"baseline {baseline!r}: the tokenizer has no {baseline} token")
+    return weight[token_id].detach()
+
+
+def _per_prompt(
+    value: str | Sequence[str] | None, prompts: list[str], what: str
+) -> list[str | None]:
+    if value is None:
+        return [None] * len(prompts)
+    if isinstance(value, str):
+        if len(prompts) != 1:
+            raise ValueError(
+                f"give one {what} per prompt (a list of {len(prompts)}), not one string"
+            )
+        return [value]
+    values = list(value)
+    if len(values) != len(prompts):
+        raise ValueError(f"{len(values)} {what}s for {len(prompts)} prompts")
+    return values
+
+
+def _per_prompt_seed(seed: int | Sequence[int | None] | None, n: int) -> list[int | None]:
+    if seed is None or isinstance(seed, numbers.Integral):
+        return [None if seed is None else int(seed)] * n
+    seeds = [None if s is None else int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return seeds

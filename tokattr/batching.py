@@ -1,0 +1,202 @@
+"""Prompts and answers -> one padded token batch, the layout every target function reads.
+
+Each row is ``[left padding][prompt tokens][answer tokens][right padding]``. Prompts are
+left-padded so that every prompt ends in the same column; the answer (teacher-forced) follows
+in a *continuation slot* that is right-padded to the longest answer (or foil). Right padding
+after the last real token cannot change any real position of a causal LM, and left padding is
+made invisible by the attention mask and by position ids counted from the first real token
+(``cumsum(attention_mask) - 1``), so a prompt scores the same alone or in a batch.
+
+Features (the tokens that get scores) are the prompt's tokens minus BOS and every other
+special token; answer tokens are those of ``prompt + answer`` after the prompt's own tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example's tokens: prompt (with BOS/special tokens), answer and optional foil ids."""
+
+    prompt_ids: list[int]
+    special: list[bool]  # [len(prompt_ids)] True for BOS and other special tokens
+    offsets: list[tuple[int, int]]  # [len(prompt_ids)] character span in the prompt
+    answer_ids: list[int]
+    foil_ids: list[int] | None
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch: ``batch`` examples, ``seq = prompt_width + slot_width`` columns.
+
+    Per-example lists hold the features only (prompt tokens that are not special), in order.
+    """
+
+    input_ids: Tensor  # [batch, seq] prompt + answer
+    attention_mask: Tensor  # [batch, seq] 1 on real tokens
+    position_ids: Tensor  # [batch, seq] cumsum(attention_mask) - 1, clamped at 0
+    feature_mask: Tensor  # [batch, seq] bool, prompt tokens that are features
+    answer_mask: Tensor  # [batch, seq] bool, answer tokens
+    foil_ids: Tensor | None  # [batch, seq] prompt + foil
+    foil_attention_mask: Tensor | None  # [batch, seq]
+    foil_mask: Tensor | None  # [batch, seq] bool, foil tokens
+    prompt_width: int  # columns [0, prompt_width) hold the (left-padded) prompts
+    tokens: list[list[str]]  # features as the tokenizer spells them, e.g. '▁$'
+    token_ids: list[list[int]]
+    offsets: list[list[tuple[int, int]]]  # features' character spans in the prompt
+    answer_tokens: list[list[str]]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        moved = {
+            name: (value.to(device) if isinstance(value, Tensor) else value)
+            for name, value in self.__dict__.items()
+        }
+        return TokenBatch(**moved)
+
+
+def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict:
+    return tokenizer(
+        text,
+        add_special_tokens=True,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=tokenizer.is_fast,
+    )
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    answer: str,
+    foil: str | None = None,
+    max_length: int | None = None,
+) -> Encoded:
+    """Tokenize one prompt and its answer (and foil) the way the model will read them.
+
+    Raises:
+        ValueError: an empty prompt, a prompt with no non-special token, an empty answer,
+            ``prompt + answer`` longer than ``max_length``, or prompt tokens that are not a
+            prefix of the tokens of ``prompt + answer`` (the answer would change how the prompt
+            is split, so "the answer's tokens" would not be defined).
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"empty prompt: {prompt!r}; give a non-empty string")
+    enc = _encode_text(tokenizer, prompt)
+    prompt_ids: list[int] = list(enc["input_ids"])
+    specials = set(tokenizer.all_special_ids)
+    special = [
+        bool(m) or i in specials
+        for i, m in zip(prompt_ids, enc["special_tokens_mask"], strict=True)
+    ]
+    if all(special):
+        raise ValueError(f"prompt {prompt!r} has no token to attribute (only special tokens)")
+    offsets = (
+        [tuple(o) for o in enc["offset_mapping"]]
+        if "offset_mapping" in enc
+        else [(0, 0)] * len(prompt_ids)
+    )
+
+    def continuation(text: str, what: str) -> list[int]:
+        if not text:
+            raise ValueError(f"empty {what} for prompt {prompt!r}")
+        full: list[int] = list(_encode_text(tokenizer, prompt + text)["input_ids"])
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"the tokens of prompt {prompt!r} are not a prefix of the tokens of prompt + "
+                f"{what} {prompt + text!r}: the {what} changes how the prompt is tokenized "
+                f"({tokenizer.convert_ids_to_tokens(prompt_ids)} vs "
+                f"{tokenizer.convert_ids_to_tokens(full)}). Start the {what} at a token "
+                "boundary (e.g. with a leading space for BPE tokenizers)."
+            )
+        rest = full[len(prompt_ids) :]
+        if not rest:
+            raise ValueError(f"the {what} {text!r} adds no token to prompt {prompt!r}")
+        if max_length is not None and len(full) > max_length:
+            raise ValueError(
+                f"prompt + {what} is {len(full)} tokens, longer than the model's context of "
+                f"{max_length} tokens: {prompt + text!r}"
+            )
+        return rest
+
+    answer_ids = continuation(answer, "answer")
+    foil_ids = continuation(foil, "foil") if foil is not None else None
+    return Encoded(prompt_ids, special, offsets, answer_ids, foil_ids)
+
+
+def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> TokenBatch:
+    """Pad encoded examples into one :class:`TokenBatch` (prompts left, continuations right)."""
+    if not examples:
+        raise ValueError("no examples to collate")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+    has_foil = examples[0].foil_ids is not None
+    if any((e.foil_ids is not None) != has_foil for e in examples):
+        raise ValueError("give a foil for every example or for none")
+    prompt_width = max(len(e.prompt_ids) for e in examples)
+    slot_width = max(
+        max(len(e.answer_ids), len(e.foil_ids) if e.foil_ids is not None else 0) for e in examples
+    )
+    batch, seq = len(examples), prompt_width + slot_width
+    input_ids = torch.full((batch, seq), pad, dtype=torch.long)  # [batch, seq]
+    attention_mask = torch.zeros(batch, seq, dtype=torch.long)  # [batch, seq]
+    feature_mask = torch.zeros(batch, seq, dtype=torch.bool)  # [batch, seq]
+    answer_mask = torch.zeros(batch, seq, dtype=torch.bool)  # [batch, seq]
+    foil_ids = input_ids.clone() if has_foil else None
+    foil_attention_mask = attention_mask.clone() if has_foil else None
+    foil_mask = answer_mask.clone() if has_foil else None
+    tokens, token_ids, offsets, answer_tokens = [], [], [], []
+    for b, e in enumerate(examples):
+        start = prompt_width - len(e.prompt_ids)
+        prompt = torch.tensor(e.prompt_ids)
+        input_ids[b, start:prompt_width] = prompt
+        attention_mask[b, start:prompt_width] = 1
+        feature_mask[b, start:prompt_width] = ~torch.tensor(e.special)
+        n_ans = len(e.answer_ids)
+        input_ids[b, prompt_width : prompt_width + n_ans] = torch.tensor(e.answer_ids)
+        attention_mask[b, prompt_width : prompt_width + n_ans] = 1
+        answer_mask[b, prompt_width : prompt_width + n_ans] = True
+        if e.foil_ids is not None:
+            assert foil_ids is not None and foil_attention_mask is not None
+            assert foil_mask is not None
+            n_foil = len(e.foil_ids)
+            foil_ids[b, start:prompt_width] = prompt
+            foil_ids[b, prompt_width : prompt_width + n_foil] = torch.tensor(e.foil_ids)
+            foil_attention_mask[b, start : prompt_width + n_foil] = 1
+            foil_mask[b, prompt_width : prompt_width + n_foil] = True
+        keep = [i for i, s in enumerate(e.special) if not s]
+        ids = [e.prompt_ids[i] for i in keep]
+        token_ids.append(ids)
+        tokens.append(tokenizer.convert_ids_to_tokens(ids))
+        offsets.append([e.offsets[i] for i in keep])
+        answer_tokens.append(tokenizer.convert_ids_to_tokens(e.answer_ids))
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        feature_mask=feature_mask,
+        answer_mask=answer_mask,
+        foil_ids=foil_ids,
+        foil_attention_mask=foil_attention_mask,
+        foil_mask=foil_mask,
+        prompt_width=prompt_width,
+        tokens=tokens,
+        token_ids=token_ids,
+        offsets=offsets,
+        answer_tokens=answer_tokens,
+    )
+
+
+def position_ids_from(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token: ``[0 0 0 1 2 …]`` for ``[0 0 1 1 1 …]``.
+
+    Padding columns get a valid index (0 on the left, the last position on the right); they
+    are masked out, so their value never matters.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [batch, seq]

@@ -1,0 +1,45 @@
+"""Attribution methods, one file each; every one has one verb, ``attribute(problem)``.
+
+A method's hyper-parameters go to its ``__init__``; ``attribute`` takes an
+:class:`~tokattr.methods.problem.AttributionProblem` (embeddings, baselines, features and a
+target function) and returns per-token scores. Use them through :func:`tokattr.attribute`.
+"""
+
+from __future__ import annotations
+
+from tokattr.methods.exact_shapley import ExactShapley
+from tokattr.methods.input_x_gradient import InputXGradient
+from tokattr.methods.integrated_gradients import IntegratedGradients
+from tokattr.methods.kernel_shap import KernelShap
+from tokattr.methods.occlusion import Occlusion
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
+from tokattr.methods.random_baseline import RandomAttribution
+from tokattr.methods.saliency import Saliency
+from tokattr.methods.shapley_sampling import ShapleyValueSampling
+
+METHODS: dict[str, type[Method]] = {
+    "integrated_gradients": IntegratedGradients,
+    "saliency": Saliency,
+    "input_x_gradient": InputXGradient,
+    "occlusion": Occlusion,
+    "kernel_shap": KernelShap,
+    "shapley_sampling": ShapleyValueSampling,
+    "exact_shapley": ExactShapley,
+    "random": RandomAttribution,
+}
+"""Method name -> method class (explicit; no discovery)."""
+
+__all__ = [
+    "METHODS",
+    "AttributionProblem",
+    "ExactShapley",
+    "InputXGradient",
+    "IntegratedGradients",
+    "KernelShap",
+    "Method",
+    "MethodOutput",
+    "Occlusion",
+    "RandomAttribution",
+    "Saliency",
+    "ShapleyValueSampling",
+]

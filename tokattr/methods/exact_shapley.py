@@ -1,0 +1,93 @@
+"""Exact Shapley values over prompt tokens, from all 2^n coalitions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tokattr.methods.problem import AttributionProblem, MethodOutput
+
+
+class ExactShapley:
+    """Exact Shapley values: Shapley, "A Value for n-Person Games", Contributions to the
+    Theory of Games II, 1953.
+
+    The players are the prompt's tokens; a coalition keeps its tokens and replaces the others
+    by the baseline embedding (positions kept). ``phi_i = sum_{S not containing i}
+    |S|! (n-|S|-1)! / n! * (f(S + i) - f(S))``, computed from the target on every one of the
+    2^n coalitions (in float64). Whole-token, signed; efficiency holds exactly:
+    ``sum(phi) = f(all) - f(none)``.
+
+    Batching: the coalitions of all rows are evaluated ``batch_size`` sequences per forward.
+    Refuses rows with more than ``max_tokens`` tokens (2^16 = 65,536 sequences at the default).
+
+    Args:
+        max_tokens: the most prompt tokens a row may have, >= 1.
+    """
+
+    def __init__(self, max_tokens: int = 16) -> None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(
+                f"exact_shapley: max_tokens must be an integer >= 1, got {max_tokens!r}"
+            )
+        self.max_tokens = max_tokens
+
+    def attribute(self, problem: AttributionProblem) -> MethodOutput:
+        n_features = problem.n_features.tolist()
+        too_long = max(n_features)
+        if too_long > self.max_tokens:
+            raise ValueError(
+                f"exact_shapley enumerates all 2^n coalitions of the prompt's tokens; a prompt "
+                f"has {too_long} tokens, more than max_tokens={self.max_tokens} "
+                f"(2^{too_long} = {2**too_long:,} model evaluations). Use kernel_shap or "
+                "shapley_sampling, or raise max_tokens."
+            )
+        n_max = too_long
+        rows, keeps = [], []
+        for b, n in enumerate(n_features):
+            keeps.append(_coalitions(n, n_max))
+            rows.append(torch.full((2**n,), b, dtype=torch.long))
+        values = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()  # [sum 2^n]
+        phi = torch.zeros(problem.n_rows, n_max, dtype=torch.float64)  # [batch, n_max]
+        start = 0
+        for b, n in enumerate(n_features):
+            phi[b, :n] = shapley_from_values(values[start : start + 2**n], n)
+            start += 2**n
+        return MethodOutput(problem.scatter(phi.to(problem.embeds.device)))
+
+
+def _coalitions(n: int, width: int) -> Tensor:
+    """All 2^n keep-masks, coalition ``c`` keeping token ``i`` iff bit ``i`` of ``c`` is set,
+    padded with True to ``width`` columns. [2^n, width] bool"""
+    codes = torch.arange(2**n)[:, None]  # [2^n, 1]
+    keep = (codes >> torch.arange(n)[None]) & 1  # [2^n, n]
+    pad = torch.ones(2**n, width - n, dtype=torch.long)
+    return torch.cat([keep, pad], dim=1).bool()
+
+
+def shapley_from_values(values: Tensor, n: int) -> Tensor:
+    """Shapley values from the value of every coalition.
+
+    Args:
+        values: ``[2^n]``, ``values[c]`` the value of the coalition whose members are the set
+            bits of ``c``.
+        n: number of players.
+
+    Returns:
+        ``[n]`` float64 Shapley values.
+    """
+    values = values.double()
+    codes = torch.arange(2**n)
+    size = ((codes[:, None] >> torch.arange(n)[None]) & 1).sum(-1)  # [2^n] coalition sizes
+    weight = torch.tensor(
+        [math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)],
+        dtype=torch.float64,
+    )  # [n] by coalition size (without the player)
+    phi = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        without = codes[((codes >> i) & 1) == 0]  # coalitions not containing i
+        gain = values[without | (1 << i)] - values[without]
+        phi[i] = (weight[size[without]] * gain).sum()
+    return phi

@@ -1,0 +1,149 @@
+"""What a method sees: embeddings, baselines, features and a target function. No tokenizer.
+
+A method gets an :class:`AttributionProblem` (a batch of rows) and returns a
+:class:`MethodOutput` with one score per column, exactly 0 off the features.
+
+Baselines equal the input embeddings everywhere except at feature columns, so "replace the
+whole row by its baseline" only ever removes features: BOS, padding and the answer slot stay
+as they are whatever a method perturbs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from tokattr.targets import TargetInputs
+
+Forward = Callable[[Tensor, TargetInputs], Tensor]
+"""``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``."""
+
+
+@dataclass(frozen=True)
+class AttributionProblem:
+    """A batch of rows to attribute.
+
+    ``batch_size`` is the most sequences a method may put through the model in one forward
+    pass. ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
+    row's scores do not depend on which other rows share its batch.
+    """
+
+    forward: Forward
+    embeds: Tensor  # [batch, seq, d_model]
+    baselines: Tensor  # [batch, seq, d_model], equal to embeds off the features
+    feature_mask: Tensor  # [batch, seq] bool
+    inputs: TargetInputs  # [batch, ...]
+    batch_size: int
+    seeds: tuple[int | None, ...]
+
+    @property
+    def n_rows(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def n_features(self) -> Tensor:
+        """Features per row. [batch]"""
+        return self.feature_mask.sum(-1)
+
+    def captum_forward(self, embeds: Tensor, *inputs: Tensor | None) -> Tensor:
+        """``forward`` with the target inputs spread as Captum's ``additional_forward_args``."""
+        return self.forward(embeds, TargetInputs(*inputs))
+
+    def feature_columns(self) -> Tensor:
+        """Column of each row's k-th feature; slots past a row's last feature hold a column that
+        is not a feature (where removing is a no-op). [batch, n_max]"""
+        n_max = int(self.n_features.max())
+        cols = torch.arange(self.feature_mask.shape[1], device=self.feature_mask.device)
+        # Features first (in column order), then the rest: a stable sort on "is not a feature".
+        order = torch.sort((~self.feature_mask).long(), dim=-1, stable=True).indices
+        ranked = cols[order]  # [batch, seq]
+        first_free = (~self.feature_mask).long().argmax(-1, keepdim=True)  # [batch, 1]
+        k = torch.arange(n_max, device=cols.device)[None]  # [1, n_max]
+        valid = k < self.n_features[:, None]  # [batch, n_max]
+        return torch.where(valid, ranked[:, :n_max], first_free)  # [batch, n_max]
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-feature values ``[batch, n_max]`` -> per-column scores ``[batch, seq]`` (0 off the
+        features, float32)."""
+        out = torch.zeros(self.feature_mask.shape, dtype=torch.float32, device=values.device)
+        n = self.n_features.to(values.device)
+        valid = torch.arange(values.shape[1], device=values.device)[None] < n[:, None]
+        cols = self.feature_columns().to(values.device)
+        for b in range(out.shape[0]):
+            out[b, cols[b, valid[b]]] = values[b, valid[b]].float()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
+        """The target on rows with some features removed, ``batch_size`` sequences per forward.
+
+        Args:
+            rows: ``[n]`` which row each perturbation belongs to.
+            keep: ``[n, k]`` bool, whether the row's j-th feature is kept (``k <= n_max``;
+                slots past a row's features are ignored).
+
+        Returns:
+            ``[n]`` target scores.
+        """
+        device = self.embeds.device
+        rows = rows.to(device)
+        keep = keep.to(device).bool()
+        width = keep.shape[1]
+        columns = self.feature_columns()[:, :width]  # [batch, k]
+        slots = torch.arange(width, device=device)[None]  # [1, k]
+        out = []
+        for i in range(0, rows.shape[0], self.batch_size):
+            r = rows[i : i + self.batch_size]  # [chunk]
+            # Slots past a row's features point at a non-feature column: always "keep" there.
+            k = keep[i : i + self.batch_size] | (slots >= self.n_features[r, None])  # [chunk, k]
+            col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
+            col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
+            x = torch.where(col_keep[..., None], self.embeds[r], self.baselines[r])
+            out.append(self.forward(x, self.inputs.select(r)))
+        return torch.cat(out)  # [n]
+
+    def mask_forward(self, row: int) -> Callable[[Tensor], Tensor]:
+        """``keep [n, n_features(row)] (0/1 floats) -> f [n]`` for one row: the function that
+        Captum's perturbation methods see when they work on a row's token mask."""
+
+        def forward(keep: Tensor) -> Tensor:
+            rows = torch.full((keep.shape[0],), row, dtype=torch.long)
+            return self.evaluate(rows, keep > 0.5)
+
+        return forward
+
+    def rows(self, size: int) -> Iterator[Tensor]:
+        """Row indices in chunks of at most ``size``."""
+        idx = torch.arange(self.n_rows, device=self.embeds.device)
+        yield from idx.split(max(1, size))
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """Scores per column (0 off the features), and what the method reports besides."""
+
+    scores: Tensor  # [batch, seq] float32
+    delta: Tensor | None = None  # [batch] IG convergence delta, where the method has one
+
+
+class Method(Protocol):
+    """An attribution method: hyper-parameters in ``__init__``, one verb."""
+
+    def attribute(self, problem: AttributionProblem) -> MethodOutput: ...
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded by ``seed`` and restore the RNG after it
+    (``None``: use and advance the global RNG). Captum draws its samples on the CPU."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,207 @@
+"""Target functions: the one seam between a model and an attribution method.
+
+A target function maps input embeddings ``[batch, seq, d_model]`` (plus fixed masks,
+positions and answer ids, :class:`TargetInputs`) to one score per row ``[batch]``. Methods
+only ever call such a function; tokenizers and generation stay on the other side.
+
+All targets are teacher-forced: one forward pass over ``prompt + answer`` scores every answer
+token given the prompt and the earlier answer tokens. Log-softmax is taken in float32 whatever
+the model's dtype.
+
+- :func:`log_prob` (default): ``sum_t log p(answer_t | prompt, answer_<t)``.
+- :func:`prob`: ``exp`` of that, the probability of the whole answer.
+- :func:`logit`: the raw logit of the first scored answer token.
+- :func:`contrast`: ``log p(answer) - log p(foil)``, a second forward pass with the foil.
+
+Which answer tokens count is ``TargetInputs.score_mask``: all of them by default, one per row
+in per-answer-token mode (then :func:`logit` is that token's logit).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import cache
+
+import torch
+from torch import Tensor, nn
+
+from tokattr.batching import TokenBatch
+
+
+@dataclass(frozen=True)
+class TargetInputs:
+    """Everything a target function reads besides the embeddings, one row per sequence.
+
+    Column ``j`` of ``labels`` is the token at column ``j``; an answer token at column ``j`` is
+    scored from the logits at ``j - 1``.
+    """
+
+    attention_mask: Tensor  # [batch, seq]
+    position_ids: Tensor  # [batch, seq]
+    labels: Tensor  # [batch, seq] token ids (prompt + answer)
+    score_mask: Tensor  # [batch, seq] bool, answer tokens that count
+    slot_mask: Tensor  # [batch, seq] bool, the continuation slot (answer or foil columns)
+    example_index: Tensor  # [batch] which example each row belongs to (for counting)
+    foil_labels: Tensor | None = None  # [batch, seq] prompt + foil ids
+    foil_attention_mask: Tensor | None = None  # [batch, seq]
+    foil_score_mask: Tensor | None = None  # [batch, seq] bool
+
+    def as_tuple(self) -> tuple[Tensor | None, ...]:
+        """The fields in order, e.g. as Captum's ``additional_forward_args`` (which it expands
+        along the batch dimension for steps and perturbations)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def select(self, rows: Tensor) -> TargetInputs:
+        """The rows ``rows`` (an index tensor ``[n]``), in that order."""
+        return TargetInputs(*(None if t is None else t[rows] for t in self.as_tuple()))
+
+
+def target_inputs(batch: TokenBatch, per_answer_token: bool = False) -> TargetInputs:
+    """The target inputs of a token batch: one row per example scoring its whole answer, or
+    (``per_answer_token``) one row per answer token scoring that token alone, examples in
+    order. ``example_index`` maps rows to examples."""
+    n_examples, seq = batch.input_ids.shape
+    device = batch.input_ids.device
+    if per_answer_token:
+        rows, cols = batch.answer_mask.nonzero(as_tuple=True)  # row-major: examples in order
+        score = torch.zeros(len(rows), seq, dtype=torch.bool, device=device)  # [rows, seq]
+        score[torch.arange(len(rows), device=device), cols] = True
+    else:
+        rows = torch.arange(n_examples, device=device)
+        score = batch.answer_mask
+    slot = torch.arange(seq, device=device) >= batch.prompt_width  # [seq]
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[rows]
+
+    return TargetInputs(
+        attention_mask=batch.attention_mask[rows],
+        position_ids=batch.position_ids[rows],
+        labels=batch.input_ids[rows],
+        score_mask=score,
+        slot_mask=slot[None].expand(len(rows), seq),
+        example_index=rows,
+        foil_labels=pick(batch.foil_ids),
+        foil_attention_mask=pick(batch.foil_attention_mask),
+        foil_score_mask=pick(batch.foil_mask),
+    )
+
+
+TargetFunction = Callable[[nn.Module, Tensor, TargetInputs], Tensor]
+"""``(model, embeds [batch, seq, d_model], inputs) -> scores [batch]``."""
+
+
+@cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def answer_log_probs(
+    model: nn.Module,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    score_mask: Tensor,
+) -> Tensor:
+    """Teacher-forced log-probabilities of the scored tokens, 0 elsewhere.
+
+    Args:
+        embeds: ``[batch, seq, d_model]`` input embeddings.
+        attention_mask, position_ids, labels: ``[batch, seq]``.
+        score_mask: ``[batch, seq]`` bool, the tokens to score (never column 0).
+
+    Returns:
+        ``[batch, k]`` log p of the token at each of the last ``k`` columns (``k`` covers every
+        scored column), 0 where ``score_mask`` is False.
+    """
+    token_logp, _ = _score_columns(model, embeds, attention_mask, position_ids, labels, score_mask)
+    return token_logp
+
+
+def _score_columns(
+    model: nn.Module,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    score_mask: Tensor,
+) -> tuple[Tensor, Tensor]:
+    seq = embeds.shape[1]
+    scored_cols = score_mask.any(0).nonzero()
+    if scored_cols.numel() == 0:
+        raise ValueError("no answer token to score")
+    first = int(scored_cols.min())
+    if first == 0:
+        raise ValueError("column 0 cannot be scored: nothing precedes it")
+    keep = seq - first + 1  # logits at columns first-1 .. seq-1
+    kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -keep:-1]  # [batch, k, vocab] predicting columns first .. seq-1
+    target_ids = labels[:, first:]  # [batch, k]
+    mask = score_mask[:, first:]  # [batch, k]
+    token_logits = logits.gather(-1, target_ids[..., None]).squeeze(-1).float()  # [batch, k]
+    token_logp = token_logits - logits.float().logsumexp(-1)  # [batch, k]
+    zero = torch.zeros((), dtype=token_logp.dtype, device=token_logp.device)
+    return torch.where(mask, token_logp, zero), torch.where(mask, token_logits, zero)
+
+
+def log_prob(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    """Sum over scored answer tokens of ``log p(token | prompt, earlier answer tokens)``. [batch]"""
+    token_logp = answer_log_probs(
+        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, inputs.score_mask
+    )
+    return token_logp.sum(-1)  # [batch]
+
+
+def prob(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    """Probability of the scored answer tokens, ``exp(log_prob)``. [batch]"""
+    return log_prob(model, embeds, inputs).exp()
+
+
+def logit(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    """Raw logit of the first scored answer token (no softmax). [batch]"""
+    first_only = inputs.score_mask & (inputs.score_mask.long().cumsum(-1) == 1)  # [batch, seq]
+    _, token_logits = _score_columns(
+        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, first_only
+    )
+    return token_logits.sum(-1)  # [batch] one non-zero term per row
+
+
+def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    """``log p(answer) - log p(foil)``, both teacher-forced on the same prompt embeddings. [batch]
+
+    The foil's tokens replace the answer's in the continuation slot; the prompt part of
+    ``embeds`` (perturbed or not) is shared by both passes.
+    """
+    if inputs.foil_labels is None or inputs.foil_score_mask is None:
+        raise ValueError("the contrast target needs a foil answer for every prompt")
+    assert inputs.foil_attention_mask is not None
+    foil_embeds = model.get_input_embeddings()(inputs.foil_labels).to(embeds.dtype)
+    embeds_f = torch.where(inputs.slot_mask[..., None], foil_embeds, embeds)  # [batch, seq, d]
+    foil_logp = answer_log_probs(
+        model,
+        embeds_f,
+        inputs.foil_attention_mask,
+        inputs.position_ids,
+        inputs.foil_labels,
+        inputs.foil_score_mask,
+    ).sum(-1)  # [batch]
+    return log_prob(model, embeds, inputs) - foil_logp
+
+
+TARGETS: dict[str, TargetFunction] = {
+    "log_prob": log_prob,
+    "prob": prob,
+    "logit": logit,
+    "contrast": contrast,
+}
+"""Target functions by name."""
