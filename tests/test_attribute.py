@@ -183,7 +183,7 @@ def test_to_dict_is_json_ready():
     res = attribute(lm, SHORT, "integrated_gradients", target=SHORT_ANSWER, n_steps=4)
     record = json.loads(json.dumps(res.to_dict()))
     assert record["tokens"] == res.tokens and len(record["scores"]) == len(res.tokens)
-    assert record["params"] == {"n_steps": 4, "method": "gausslegendre"}
+    assert record["params"] == {"n_steps": 4, "rule": "gausslegendre"}
     assert isinstance(record["delta"], float)
 
 

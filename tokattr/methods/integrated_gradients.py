@@ -25,22 +25,20 @@ class IntegratedGradients:
 
     Args:
         n_steps: points on the path (quadrature nodes), >= 1.
-        method: quadrature rule: ``"gausslegendre"`` (default) or a Riemann rule
+        rule: quadrature rule: ``"gausslegendre"`` (default) or a Riemann rule
             (``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"``,
             ``"riemann_middle"``).
     """
 
-    def __init__(self, n_steps: int = 64, method: str = "gausslegendre") -> None:
+    def __init__(self, n_steps: int = 64, rule: str = "gausslegendre") -> None:
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(
                 f"integrated_gradients: n_steps must be an integer >= 1, got {n_steps!r}"
             )
-        if method not in _RULES:
-            raise ValueError(
-                f"integrated_gradients: unknown method {method!r}; choose from {_RULES}"
-            )
+        if rule not in _RULES:
+            raise ValueError(f"integrated_gradients: unknown rule {rule!r}; choose from {_RULES}")
         self.n_steps = n_steps
-        self.method = method
+        self.rule = rule
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         ig = captum.attr.IntegratedGradients(problem.captum_forward)
@@ -49,7 +47,7 @@ class IntegratedGradients:
             baselines=problem.baselines,
             additional_forward_args=problem.inputs.as_tuple(),
             n_steps=self.n_steps,
-            method=self.method,
+            method=self.rule,
             internal_batch_size=max(problem.batch_size, problem.n_rows),
             return_convergence_delta=True,
         )  # [batch, seq, d_model], [batch]
