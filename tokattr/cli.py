@@ -68,6 +68,12 @@ def _attribute(argv: list[str]) -> int:
     return _function_command(attribute_command)(argv)
 
 
+def _heatmap(argv: list[str]) -> int:
+    from tokattr.heatmap_cli import heatmap_command, spread_list_options
+
+    return _function_command(heatmap_command)(spread_list_options(argv))
+
+
 def _train(argv: list[str]) -> int:
     from tokattr.train import run_training
 
@@ -86,6 +92,10 @@ def _function_command(fn: Callable) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "attribute": (_attribute, "token attributions of prompts: a token x method table, JSON"),
+    "heatmap": (
+        _heatmap,
+        "token x column heatmap (demonstrations or methods as columns): PNG + CSV",
+    ),
     "train": (
         _train,
         "train the arithmetic reference model (LightningCLI: fit, export, model card)",
