@@ -5,7 +5,9 @@ imports neither. The Lightning layer (``tokattr.train``, the runner) and the CLI
 """
 
 from tokattr.attribution import Attribution, attribute
+from tokattr.evaluation import EvaluationTable, evaluate
 from tokattr.methods import METHODS
+from tokattr.metrics import METRICS
 from tokattr.models import BUNDLED, LanguageModel, ModelNotFoundError, load_model
 
 __version__ = "0.1.0"
@@ -13,10 +15,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BUNDLED",
     "METHODS",
+    "METRICS",
     "Attribution",
+    "EvaluationTable",
     "LanguageModel",
     "ModelNotFoundError",
     "__version__",
     "attribute",
+    "evaluate",
     "load_model",
 ]

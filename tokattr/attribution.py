@@ -211,11 +211,7 @@ def _attribute_batch(
     n_examples = batch.input_ids.shape[0]
     model = lm.model
     device = batch.input_ids.device
-    layer = model.get_input_embeddings()
-    with torch.no_grad():
-        embeds = layer(batch.input_ids).detach()  # [batch, seq, d_model]
-        base = _baseline_vector(lm, baseline, layer.weight)  # [d_model]
-        baselines = torch.where(batch.feature_mask[..., None], base.to(embeds.dtype), embeds)
+    embeds, baselines = embeddings_and_baselines(lm, batch, baseline)
 
     inputs = target_inputs(batch, per_answer_token)  # one row per example or answer token
     row_of = inputs.example_index
@@ -293,6 +289,50 @@ def _attribute_batch(
             )
         )
     return results
+
+
+def embeddings_and_baselines(
+    lm: LanguageModel, batch: TokenBatch, baseline: str = "pad"
+) -> tuple[Tensor, Tensor]:
+    """The batch's input embeddings and their baselines (``baseline`` on the features, the
+    inputs elsewhere), both ``[batch, seq, d_model]`` and detached."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+    layer = lm.model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = layer(batch.input_ids).detach()  # [batch, seq, d_model]
+        base = _baseline_vector(lm, baseline, layer.weight)  # [d_model]
+        baselines = torch.where(batch.feature_mask[..., None], base.to(embeds.dtype), embeds)
+    return embeds, baselines
+
+
+def batch_problem(
+    lm: LanguageModel,
+    batch: TokenBatch,
+    baseline: str = "pad",
+    target_fn: str | TargetFunction = "log_prob",
+    seeds: Sequence[int | None] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> AttributionProblem:
+    """One :class:`AttributionProblem` row per example of ``batch``, scoring its whole answer:
+    what the faithfulness metrics re-evaluate, with the same baseline rule as the methods."""
+    fn, _ = _target_function(target_fn)
+    embeds, baselines = embeddings_and_baselines(lm, batch, baseline)
+    model = lm.model
+
+    def forward(x: Tensor, rows: TargetInputs) -> Tensor:
+        return fn(model, x, rows)
+
+    n = batch.input_ids.shape[0]
+    return AttributionProblem(
+        forward=forward,
+        embeds=embeds,
+        baselines=baselines,
+        feature_mask=batch.feature_mask,
+        inputs=target_inputs(batch),
+        batch_size=batch_size,
+        seeds=tuple(seeds) if seeds is not None else (None,) * n,
+    )
 
 
 def _target_function(target_fn: str | TargetFunction) -> tuple[TargetFunction, str]:

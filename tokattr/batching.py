@@ -70,6 +70,10 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict:
     )
 
 
+class NotAPrefixError(ValueError):
+    """The answer changes how the prompt is tokenized."""
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
@@ -79,6 +83,11 @@ def encode_example(
 ) -> Encoded:
     """Tokenize one prompt and its answer (and foil) the way the model will read them.
 
+    A prompt that ends in whitespace the tokenizer merges into the answer's first token
+    (``"9 - 556 = "`` + ``"-547"`` reads ``▁=  ▁-  5 4 7`` with a metaspace tokenizer, not
+    ``▁= ▁ - …``) gives that whitespace to the answer: the tokens are then exactly those of
+    ``prompt + answer`` read as one text, as the model saw such text in training.
+
     Raises:
         ValueError: an empty prompt, a prompt with no non-special token, an empty answer,
             ``prompt + answer`` longer than ``max_length``, or prompt tokens that are not a
@@ -87,6 +96,25 @@ def encode_example(
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"empty prompt: {prompt!r}; give a non-empty string")
+    try:
+        return _encode(tokenizer, prompt, answer, foil, max_length)
+    except NotAPrefixError:
+        stripped = prompt.rstrip()
+        if stripped == prompt or not stripped:
+            raise
+        tail = prompt[len(stripped) :]
+        return _encode(
+            tokenizer, stripped, tail + answer, None if foil is None else tail + foil, max_length
+        )
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    answer: str,
+    foil: str | None,
+    max_length: int | None,
+) -> Encoded:
     enc = _encode_text(tokenizer, prompt)
     prompt_ids: list[int] = list(enc["input_ids"])
     specials = set(tokenizer.all_special_ids)
@@ -107,7 +135,7 @@ def encode_example(
             raise ValueError(f"empty {what} for prompt {prompt!r}")
         full: list[int] = list(_encode_text(tokenizer, prompt + text)["input_ids"])
         if full[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(
+            raise NotAPrefixError(
                 f"the tokens of prompt {prompt!r} are not a prefix of the tokens of prompt + "
                 f"{what} {prompt + text!r}: the {what} changes how the prompt is tokenized "
                 f"({tokenizer.convert_ids_to_tokens(prompt_ids)} vs "

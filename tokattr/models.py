@@ -174,3 +174,20 @@ def load_model(
     if device is not None:
         model.to(device)
     return LanguageModel(model=model, tokenizer=tokenizer, name=name, path=path)
+
+
+def reinitialised(lm: LanguageModel, seed: int = 0) -> LanguageModel:
+    """The same architecture, tokenizer, dtype and device with freshly initialised weights
+    (``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(seed)``): the model of the
+    randomisation sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018).
+    The global RNG is restored afterwards."""
+    ref = lm.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(ref.config, dtype=ref.dtype)
+    model.to(lm.device)
+    model.eval()
+    model.requires_grad_(False)
+    return LanguageModel(
+        model=model, tokenizer=lm.tokenizer, name=f"{lm.name} (re-initialised)", path=None
+    )

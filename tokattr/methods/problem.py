@@ -50,6 +50,19 @@ class AttributionProblem:
         """Features per row. [batch]"""
         return self.feature_mask.sum(-1)
 
+    def select(self, rows: Tensor) -> AttributionProblem:
+        """The rows ``rows`` (an index tensor ``[n]``) as a problem of their own."""
+        rows = rows.to(self.embeds.device)
+        return AttributionProblem(
+            forward=self.forward,
+            embeds=self.embeds[rows],
+            baselines=self.baselines[rows],
+            feature_mask=self.feature_mask[rows],
+            inputs=self.inputs.select(rows),
+            batch_size=self.batch_size,
+            seeds=tuple(self.seeds[int(r)] for r in rows),
+        )
+
     def captum_forward(self, embeds: Tensor, *inputs: Tensor | None) -> Tensor:
         """``forward`` with the target inputs spread as Captum's ``additional_forward_args``."""
         return self.forward(embeds, TargetInputs(*inputs))
@@ -104,6 +117,40 @@ class AttributionProblem:
             col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
             x = torch.where(col_keep[..., None], self.embeds[r], self.baselines[r])
+            out.append(self.forward(x, self.inputs.select(r)))
+        return torch.cat(out)  # [n]
+
+    @torch.no_grad()
+    def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
+        """The target with each feature's embedding moved along its baseline-to-input segment:
+        ``baseline + alpha * (input - baseline)`` (``alpha`` 1 keeps the feature, 0 removes it;
+        any real value is allowed). Non-feature columns stay as they are.
+
+        Args:
+            rows: ``[n]`` which row each point belongs to.
+            alpha: ``[n, k]`` float, the scale of the row's j-th feature (``k <= n_max``; slots
+                past a row's features are ignored).
+
+        Returns:
+            ``[n]`` target scores.
+        """
+        device = self.embeds.device
+        rows = rows.to(device)
+        alpha = alpha.to(device=device, dtype=self.embeds.dtype)
+        width = alpha.shape[1]
+        columns = self.feature_columns()[:, :width]  # [batch, k]
+        slots = torch.arange(width, device=device)[None]  # [1, k]
+        out = []
+        for i in range(0, rows.shape[0], self.batch_size):
+            r = rows[i : i + self.batch_size]  # [chunk]
+            a = alpha[i : i + self.batch_size]  # [chunk, k]
+            a = torch.where(slots < self.n_features[r, None], a, torch.ones_like(a))
+            col_alpha = torch.ones(r.shape[0], self.embeds.shape[1], dtype=a.dtype, device=device)
+            col_alpha.scatter_(1, columns[r], a)  # [chunk, seq]
+            base = self.baselines[r]  # [chunk, seq, d_model]
+            x = base + col_alpha[..., None] * (self.embeds[r] - base)
+            # Off the features the baseline equals the input, so x is the input there exactly.
+            x = torch.where(self.feature_mask[r, :, None], x, self.embeds[r])
             out.append(self.forward(x, self.inputs.select(r)))
         return torch.cat(out)  # [n]
 

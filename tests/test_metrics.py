@@ -1,0 +1,428 @@
+"""Faithfulness metrics against NumPy / SciPy / scikit-learn references and brute force;
+every class against its function."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+import sklearn.metrics
+import torch
+from _tiny import baseline_embeds, direct_log_prob, model_problem, tiny_lm, unpadded
+
+from tokattr.methods import IntegratedGradients, Occlusion, RandomAttribution
+from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.metrics import METRICS
+from tokattr.metrics import functional as F
+from tokattr.metrics.classes import (
+    CompletenessError,
+    Comprehensiveness,
+    DeletionAUC,
+    Infidelity,
+    InsertionAUC,
+    LooKendallTau,
+    MaxSensitivity,
+    PlausibilityAUPRC,
+    RandomizationSpearman,
+    ShapleyError,
+    Sufficiency,
+)
+from tokattr.metrics.ranking import (
+    FRACTIONS,
+    average_precision,
+    kendall_tau,
+    normalised_auc,
+    spearman,
+    top_k_sizes,
+)
+from tokattr.targets import TargetInputs
+
+# --------------------------------------------------------------------------- a synthetic batch
+# Rows of different lengths, left-padded like real batches: [pad…][BOS][features][answer].
+# The target is f(E) = sum_j w_j <e_j, u> + c (sum_j <e_j, v>)^2 over the feature embeddings,
+# so interactions matter; removing a feature sets its embedding to the zero vector.
+
+D = 3
+U, V = np.array([1.0, -0.5, 0.25]), np.array([0.3, 0.2, -0.4])
+C = 0.7
+
+
+def f_numpy(E: np.ndarray, w: np.ndarray) -> float:
+    """``E [n, d]`` feature embeddings (removed ones are 0), ``w [n]``."""
+    return float((w * (E @ U)).sum() + C * (E @ V).sum() ** 2)
+
+
+def make_batch(lengths=(5, 3, 7, 1), seed=0, batch_size=6):
+    g = torch.Generator().manual_seed(seed)
+    n_max = max(lengths)
+    seq = n_max + 2
+    rows = len(lengths)
+    embeds = torch.zeros(rows, seq, D, dtype=torch.float64)
+    mask = torch.zeros(rows, seq, dtype=torch.bool)
+    weights = torch.zeros(rows, seq, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        start = seq - 1 - n
+        embeds[b, start - 1] = 9.0  # BOS
+        embeds[b, start : seq - 1] = torch.randn(n, D, generator=g, dtype=torch.float64)
+        embeds[b, -1] = -3.0  # answer slot
+        mask[b, start : seq - 1] = True
+        weights[b, start : seq - 1] = torch.randn(n, generator=g, dtype=torch.float64)
+    baselines = torch.where(mask[..., None], torch.zeros((), dtype=torch.float64), embeds)
+    u, v = torch.tensor(U), torch.tensor(V)
+    inputs = TargetInputs(
+        attention_mask=torch.ones(rows, seq, dtype=torch.long),
+        position_ids=torch.arange(seq).expand(rows, seq),
+        labels=weights,  # carries each row's weights through select()
+        score_mask=mask,  # carries the feature mask through select()
+        slot_mask=torch.zeros(rows, seq, dtype=torch.bool),
+        example_index=torch.arange(rows),
+    )
+
+    def forward(x: torch.Tensor, inp: TargetInputs) -> torch.Tensor:
+        assert x.shape[0] <= batch_size
+        feats = torch.where(inp.score_mask[..., None], x, torch.zeros_like(x))
+        return (inp.labels * (feats @ u)).sum(-1) + C * (feats @ v).sum(-1) ** 2
+
+    problem = AttributionProblem(
+        forward, embeds, baselines, mask, inputs, batch_size, tuple(range(rows))
+    )
+    return problem, weights
+
+
+def feats_of(problem, b):
+    """Row b's feature embeddings [n, d] and weights [n] as NumPy."""
+    m = problem.feature_mask[b]
+    return problem.embeds[b][m].numpy(), problem.inputs.labels[b][m].numpy()
+
+
+def random_scores(problem, seed=1, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(problem.feature_mask.shape, generator=g)
+    if ties:
+        s = torch.round(s)
+    return torch.where(problem.feature_mask, s, torch.zeros_like(s))
+
+
+def order_numpy(s: np.ndarray) -> np.ndarray:
+    """Attribution order: descending score, ties by position."""
+    return np.array(sorted(range(len(s)), key=lambda j: (-s[j], j)))
+
+
+def curves_numpy(E, w, s):
+    n = len(s)
+    order = order_numpy(s)
+    dele, ins = [], []
+    for i in range(n + 1):
+        top = np.zeros(n, bool)
+        top[order[:i]] = True
+        dele.append(f_numpy(np.where(top[:, None], 0.0, E), w))
+        ins.append(f_numpy(np.where(top[:, None], E, 0.0), w))
+    return np.array(dele), np.array(ins)
+
+
+def scipy_stat(fn, x, y) -> float:
+    """A SciPy correlation, NaN (without SciPy's warning) where it is undefined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(fn(x, y).statistic)
+
+
+# --------------------------------------------------------------------------- pure arithmetic
+
+
+def test_top_k_sizes():
+    n = torch.tensor([1, 2, 13, 30, 100])
+    k = top_k_sizes(n).tolist()
+    assert k == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 2, 3, 7], [1, 2, 3, 6, 15],
+                 [1, 5, 10, 20, 50]]  # fmt: skip
+    with pytest.raises(ValueError, match="fractions"):
+        top_k_sizes(n, (0.0,))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_correlations_equal_scipy(ties):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    if ties:
+        a, b = torch.round(a), torch.round(b * 0.7)
+    mask = torch.arange(9)[None] < torch.tensor([9, 8, 5, 3, 2, 7])[:, None]
+    tau, rho = kendall_tau(a, b, mask), spearman(a, b, mask)
+    for r in range(6):
+        x, y = a[r][mask[r]].numpy(), b[r][mask[r]].numpy()
+        ref_tau = scipy_stat(scipy.stats.kendalltau, x, y)
+        ref_rho = scipy_stat(scipy.stats.spearmanr, x, y)
+        if math.isnan(ref_tau):
+            assert math.isnan(tau[r])
+        else:
+            assert tau[r].item() == pytest.approx(ref_tau, abs=1e-12)
+        if math.isnan(ref_rho):
+            assert math.isnan(rho[r])
+        else:
+            assert rho[r].item() == pytest.approx(ref_rho, abs=1e-12)
+
+
+def test_rank_correlations_are_nan_when_undefined():
+    a = torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    assert kendall_tau(a, b, mask).isnan().all()  # one entry; a constant side
+    assert spearman(a, b, mask).isnan().all()
+
+
+def test_average_precision_equals_scikit_learn():
+    g = torch.Generator().manual_seed(4)
+    scores = torch.round(torch.randn(8, 12, generator=g) * 2)  # ties included
+    labels = torch.randint(-1, 2, (8, 12), generator=g)
+    labels[0] = -1  # no class at all
+    labels[1, :] = 1  # positives only
+    ap = average_precision(scores, labels)
+    assert ap[:2].isnan().all()
+    for r in range(2, 8):
+        keep = labels[r] >= 0
+        y, s = labels[r][keep].numpy(), scores[r][keep].numpy()
+        if y.min() == y.max():
+            assert math.isnan(ap[r])
+        else:
+            ref = sklearn.metrics.average_precision_score(y, s)
+            assert ap[r].item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_normalised_auc_equals_numpy_trapezoid():
+    curve = torch.tensor([[1.0, 0.5, 0.2, 0.0, math.nan], [1.0, 0.0, math.nan, math.nan, 7.0]])
+    n = torch.tensor([3, 1])
+    auc = normalised_auc(curve, n)
+    assert auc[0].item() == pytest.approx(np.trapezoid([1, 0.5, 0.2, 0], dx=1 / 3))
+    assert auc[1].item() == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- model-evaluating
+
+
+def test_erasure_metrics_equal_brute_force():
+    problem, _ = make_batch()
+    scores = random_scores(problem, ties=True)
+    curves = F.erasure_curves(problem, scores)
+    comp = F.comprehensiveness(problem, scores)
+    suff = F.sufficiency(problem, scores)
+    dele, ins = F.deletion_auc(problem, scores), F.insertion_auc(problem, scores)
+    for b in range(problem.n_rows):
+        E, w = feats_of(problem, b)
+        s = scores[b][problem.feature_mask[b]].numpy()
+        n = len(s)
+        d_ref, i_ref = curves_numpy(E, w, s)
+        np.testing.assert_allclose(curves.deletion[b, : n + 1].numpy(), d_ref, atol=1e-10)
+        np.testing.assert_allclose(curves.insertion[b, : n + 1].numpy(), i_ref, atol=1e-10)
+        fx, fb = d_ref[0], d_ref[-1]
+        for j, frac in enumerate(FRACTIONS):
+            k = max(1, math.ceil(frac * n - 1e-9))
+            assert comp[b, j].item() == pytest.approx(fx - d_ref[k], abs=1e-10)
+            assert suff[b, j].item() == pytest.approx(fx - i_ref[k], abs=1e-10)
+        x = np.linspace(0, 1, n + 1)
+        assert dele[b].item() == pytest.approx(np.trapezoid((d_ref - fb) / (fx - fb), x))
+        assert ins[b].item() == pytest.approx(np.trapezoid((i_ref - fb) / (fx - fb), x))
+
+
+@torch.no_grad()
+def test_erasure_on_a_real_padded_batch_equals_unpadded_brute_force():
+    lm = tiny_lm("llama")
+    prompts, answers = ["12+3=", "7x45=", "1/2="], ["15", "315", "0.5"]
+    problem, _ = model_problem(lm, prompts, answers)
+    scores = random_scores(problem, seed=5)
+    comp = F.comprehensiveness(problem, scores)
+    for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        ids, n_prompt, cols = unpadded(lm, p, a)
+        x, base = baseline_embeds(lm, ids, cols)
+        s = scores[b][problem.feature_mask[b]].numpy()
+        order = order_numpy(s)
+        fx = direct_log_prob(lm, x, ids, n_prompt)
+        for j, frac in enumerate(FRACTIONS):
+            k = max(1, math.ceil(frac * len(s) - 1e-9))
+            erased = x.clone()
+            erased[0, cols[order[:k]]] = base[0, cols[order[:k]]]
+            ref = fx - direct_log_prob(lm, erased, ids, n_prompt)
+            assert comp[b, j].item() == pytest.approx(float(ref), abs=1e-4)
+
+
+def test_leave_one_out_and_kendall_tau_equal_brute_force():
+    problem, _ = make_batch()
+    scores = random_scores(problem)
+    drops = F.leave_one_out(problem)
+    tau = F.loo_kendall_tau(problem, scores)
+    for b in range(problem.n_rows):
+        E, w = feats_of(problem, b)
+        n = len(w)
+        ref = [f_numpy(E, w) - f_numpy(np.where((np.arange(n) == j)[:, None], 0, E), w)
+               for j in range(n)]  # fmt: skip
+        np.testing.assert_allclose(drops[b, :n].numpy(), ref, atol=1e-10)
+        s = scores[b][problem.feature_mask[b]].numpy()
+        ref_tau = scipy_stat(scipy.stats.kendalltau, s, ref) if n > 1 else math.nan
+        if math.isnan(ref_tau):
+            assert math.isnan(tau[b])
+        else:
+            assert tau[b].item() == pytest.approx(ref_tau, abs=1e-12)
+
+
+def test_occlusion_with_the_same_baseline_has_loo_tau_exactly_one():
+    problem, _ = make_batch(lengths=(5, 7, 4))
+    scores = Occlusion().attribute(problem).scores
+    assert F.loo_kendall_tau(problem, scores).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_completeness_error_equals_numpy():
+    problem, _ = make_batch()
+    scores = random_scores(problem)
+    err = F.completeness_error(problem, scores)
+    for b in range(problem.n_rows):
+        E, w = feats_of(problem, b)
+        gap = f_numpy(E, w) - f_numpy(0 * E, w)
+        ref = abs(scores[b].double().sum().item() - gap) / abs(gap)
+        assert err[b].item() == pytest.approx(ref, rel=1e-9)
+    # IG on this quadratic target is exact with Gauss-Legendre: completeness error ~ 0.
+    ig = IntegratedGradients(n_steps=8).attribute(problem).scores
+    assert F.completeness_error(problem, ig).max().item() < 1e-6  # float32 scores
+
+
+def test_infidelity_equals_the_definition():
+    problem, _ = make_batch(lengths=(4, 6, 2))
+    scores = random_scores(problem)
+    samples, std = 5, 0.3
+    for normalize in (False, True):
+        got = F.infidelity(problem, scores, samples, std, normalize)
+        for b in range(problem.n_rows):
+            E, w = feats_of(problem, b)
+            n = len(w)
+            s = scores[b][problem.feature_mask[b]].numpy()
+            g = torch.Generator().manual_seed(problem.seeds[b])
+            noise = (torch.randn(samples, n, 1, generator=g)[..., 0] * std).double().numpy()
+            dots = noise @ s
+            diffs = np.array([f_numpy(E, w) - f_numpy((1 - eps)[:, None] * E, w) for eps in noise])
+            if normalize:
+                beta = (dots * diffs).mean() / (dots**2).mean()
+                dots = beta * dots
+            ref = ((dots - diffs) ** 2).mean()
+            assert got[b].item() == pytest.approx(ref, rel=1e-5)
+
+
+class _Linear:
+    """A method whose scores are a fixed non-linear function of the embeddings, so that the
+    sensitivity reference can recompute them with NumPy."""
+
+    def attribute(self, problem: AttributionProblem) -> MethodOutput:
+        s = (problem.embeds**2).sum(-1) - problem.embeds[..., 0]
+        return MethodOutput(torch.where(problem.feature_mask, s, torch.zeros_like(s)).float())
+
+
+def test_max_sensitivity_equals_the_definition():
+    problem, _ = make_batch(lengths=(4, 6, 2))
+    method = _Linear()
+    scores = method.attribute(problem).scores
+    samples, radius = 4, 0.05
+    got = F.max_sensitivity(problem, scores, method, radius, samples)
+    for b in range(problem.n_rows):
+        g = torch.Generator().manual_seed(problem.seeds[b])
+        m = problem.feature_mask[b]
+        noise = torch.zeros(samples, *problem.embeds.shape[1:], dtype=torch.float64)
+        noise[:, m] = (
+            (torch.rand(samples, int(m.sum()), D, generator=g) * 2 - 1) * radius
+        ).double()
+        x = problem.embeds[b][None] + noise  # [samples, seq, d]
+        s0 = ((problem.embeds[b] ** 2).sum(-1) - problem.embeds[b, :, 0]) * problem.feature_mask[b]
+        s1 = ((x**2).sum(-1) - x[..., 0]) * problem.feature_mask[b]
+        ref = ((s1 - s0).norm(dim=-1) / s0.norm()).max().item()
+        assert got[b].item() == pytest.approx(ref, rel=1e-5)
+    # A seeded random method gives the same scores whatever the input: sensitivity 0.
+    rnd = RandomAttribution()
+    assert F.max_sensitivity(problem, rnd.attribute(problem).scores, rnd).abs().max() == 0
+
+
+def test_shapley_plausibility_and_randomization_equal_references():
+    g = torch.Generator().manual_seed(9)
+    mask = torch.arange(7)[None] < torch.tensor([7, 4, 2, 5])[:, None]
+    s, t = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    err = F.shapley_error(s, t, mask)
+    rho = F.randomization_spearman(s, t, mask)
+    labels = torch.where(mask, torch.randint(0, 2, (4, 7), generator=g), -1)
+    labels[2] = torch.tensor([1, 1, -1, -1, -1, -1, -1])  # no negative: undefined
+    ap = F.plausibility_auprc(s, labels)
+    assert math.isnan(ap[2])
+    for r in range(4):
+        m = mask[r]
+        a, e = s[r][m].numpy(), t[r][m].numpy()
+        assert err[r].item() == pytest.approx(np.linalg.norm(a - e) / np.linalg.norm(e))
+        assert rho[r].item() == pytest.approx(scipy.stats.spearmanr(a, e).statistic)
+        if r != 2:
+            y = labels[r][labels[r] >= 0].numpy()
+            sc = s[r][labels[r] >= 0].abs().numpy()
+            assert ap[r].item() == pytest.approx(sklearn.metrics.average_precision_score(y, sc))
+    nan_row = torch.full((1, 7), math.nan)
+    assert F.shapley_error(s[:1], nan_row, mask[:1]).isnan().all()
+
+
+# --------------------------------------------------------------------------- class == functional
+
+
+def _class_cases(problem, scores, scores2, labels):
+    mask = problem.feature_mask
+    method = _Linear()
+    return {
+        "comprehensiveness": (lambda: Comprehensiveness(), (problem, scores),
+                              lambda: F.comprehensiveness(problem, scores)),
+        "sufficiency": (lambda: Sufficiency(), (problem, scores),
+                        lambda: F.sufficiency(problem, scores)),
+        "deletion_auc": (lambda: DeletionAUC(), (problem, scores),
+                         lambda: F.deletion_auc(problem, scores)),
+        "insertion_auc": (lambda: InsertionAUC(), (problem, scores),
+                          lambda: F.insertion_auc(problem, scores)),
+        "loo_kendall_tau": (lambda: LooKendallTau(), (problem, scores),
+                            lambda: F.loo_kendall_tau(problem, scores)),
+        "infidelity": (lambda: Infidelity(4, 0.2), (problem, scores),
+                       lambda: F.infidelity(problem, scores, 4, 0.2)),
+        "max_sensitivity": (lambda: MaxSensitivity(0.05, 3), (problem, scores, method),
+                            lambda: F.max_sensitivity(problem, scores, method, 0.05, 3)),
+        "completeness_error": (lambda: CompletenessError(), (problem, scores),
+                               lambda: F.completeness_error(problem, scores)),
+        "shapley_error": (lambda: ShapleyError(), (scores, scores2, mask),
+                          lambda: F.shapley_error(scores, scores2, mask)),
+        "plausibility_auprc": (lambda: PlausibilityAUPRC(), (scores, labels),
+                               lambda: F.plausibility_auprc(scores, labels)),
+        "randomization_spearman": (lambda: RandomizationSpearman(), (scores, scores2, mask),
+                                   lambda: F.randomization_spearman(scores, scores2, mask)),
+    }  # fmt: skip
+
+
+def test_every_metric_class_equals_its_function():
+    problem, _ = make_batch(lengths=(5, 3, 7, 1, 6))
+    scores, scores2 = random_scores(problem, 1), random_scores(problem, 2)
+    labels = torch.where(problem.feature_mask, torch.arange(scores.shape[1]) % 3 - 1, -1)
+    cases = _class_cases(problem, scores, scores2, labels)
+    assert set(cases) == set(METRICS)
+    for name, (make, args, fn) in cases.items():
+        metric = make()
+        assert isinstance(metric, METRICS[name])
+        assert isinstance(metric.higher_is_better, bool)
+        metric.update(*args)
+        metric.update(*args)  # twice: the mean over both equals the mean of one
+        ref = fn()
+        got = metric.compute()
+        if isinstance(got, dict):
+            per_k = ref.double().nanmean(0)
+            for j, frac in enumerate(FRACTIONS):
+                assert got[f"{frac * 100:g}%"].item() == pytest.approx(per_k[j].item())
+            assert got["aopc"].item() == pytest.approx(ref.double().mean(-1).nanmean().item())
+        else:
+            assert got.item() == pytest.approx(ref.double().nanmean().item(), nan_ok=True), name
+        assert metric.per_example().shape[0] == 2 * problem.n_rows
+        metric.reset()
+        assert metric.per_example().numel() == 0
+
+
+def test_metric_parameters_are_checked():
+    with pytest.raises(ValueError, match="fractions"):
+        Comprehensiveness(fractions=(0.5, 1.5))
+    with pytest.raises(ValueError, match="noise_std"):
+        Infidelity(noise_std=0)
+    with pytest.raises(ValueError, match="perturb_radius"):
+        MaxSensitivity(perturb_radius=-1)

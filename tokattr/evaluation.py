@@ -1,0 +1,406 @@
+"""``evaluate``: methods x faithfulness metrics over a set of prompts, in plain Python.
+
+For each method and each batch of prompts: attribute (:func:`tokattr.attribute`), then feed
+the batch's :class:`~tokattr.methods.problem.AttributionProblem` and scores to every metric
+(:mod:`tokattr.metrics`). The result is a method x metric table with the mean over examples
+and a percentile-bootstrap confidence interval (Efron & Tibshirani, "An Introduction to the
+Bootstrap", 1993), each metric's direction stated.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tokattr.attribution import (
+    BASELINES,
+    DEFAULT_BATCH_SIZE,
+    Attribution,
+    attribute,
+    batch_problem,
+    build_method,
+)
+from tokattr.batching import TokenBatch, collate, encode_example
+from tokattr.data.arithmetic import FORMATTING, OPERAND, OPERATOR, label_prompt
+from tokattr.data.labels import token_roles
+from tokattr.methods.exact_shapley import ExactShapley
+from tokattr.methods.problem import AttributionProblem
+from tokattr.metrics import APPLIES_TO, METRICS, PerExampleMetric
+from tokattr.metrics import functional as F
+from tokattr.metrics.classes import fraction_label
+from tokattr.models import LanguageModel, reinitialised
+
+DEFAULT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "occlusion", "random")
+ERASURE = ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One cell of the table: a method's mean of a metric (at token fraction ``k`` for the
+    ERASER metrics: ``"1%"`` … ``"50%"`` or ``"aopc"``, their mean; ``""`` otherwise)."""
+
+    method: str
+    metric: str
+    k: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    higher_is_better: bool
+    n: int  # examples where the metric is defined
+
+
+@dataclass(frozen=True)
+class EvaluationTable:
+    """The result of :func:`evaluate`: one :class:`MetricRow` per (method, metric, k), the
+    per-example values behind them, and the attributions."""
+
+    rows: list[MetricRow]
+    values: dict[tuple[str, str, str], Tensor] = field(repr=False)  # [n examples] float64
+    attributions: dict[str, list[Attribution]] = field(repr=False)
+
+    def get(self, method: str, metric: str, k: str | None = None) -> MetricRow:
+        """The row of ``method`` and ``metric`` (``k`` defaults to ``"aopc"`` for the ERASER
+        metrics and ``""`` for the others)."""
+        if k is None:
+            k = "aopc" if metric in ("comprehensiveness", "sufficiency") else ""
+        for row in self.rows:
+            if (row.method, row.metric, row.k) == (method, metric, k):
+                return row
+        raise KeyError(f"no row for method {method!r}, metric {metric!r}, k {k!r}")
+
+    def to_markdown(self, per_k: bool = False) -> str:
+        """A method x metric table, ``mean [ci_low, ci_high]`` per cell, each column headed by
+        its direction (↑ higher is better, ↓ lower is better). ``per_k`` adds one column per
+        token fraction of the ERASER metrics."""
+        columns: list[tuple[str, str, bool]] = []
+        for r in self.rows:
+            if (per_k or r.k in ("", "aopc")) and (r.metric, r.k, r.higher_is_better) not in (
+                columns
+            ):
+                columns.append((r.metric, r.k, r.higher_is_better))
+        methods = list(dict.fromkeys(r.method for r in self.rows))
+        cells = {(r.method, r.metric, r.k): r for r in self.rows}
+        head = ["method"] + [
+            f"{m}{'' if k in ('', 'aopc') else '@' + k} {'↑' if hi else '↓'}"
+            for m, k, hi in columns
+        ]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in methods:
+            row = [method]
+            for m, k, _ in columns:
+                r = cells.get((method, m, k))
+                row.append("—" if r is None or r.n == 0 else _cell(r))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append(
+            "↑ higher is better, ↓ lower is better; mean over examples [95% bootstrap interval]; "
+            "comprehensiveness and sufficiency are AOPC (mean over k = "
+            + ", ".join(dict.fromkeys(r.k for r in self.rows if r.k not in ("", "aopc")))
+            + " of the prompt tokens); — : does not apply."
+        )
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write ``method, metric, k, mean, ci_low, ci_high, higher_is_better, n``."""
+        path = Path(path)
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                ["method", "metric", "k", "mean", "ci_low", "ci_high", "higher_is_better", "n"]
+            )
+            for r in self.rows:
+                w.writerow(
+                    [r.method, r.metric, r.k, r.mean, r.ci_low, r.ci_high, r.higher_is_better, r.n]
+                )
+        return path
+
+
+def _cell(r: MetricRow) -> str:
+    return f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+
+
+def bootstrap_interval(
+    values: Tensor, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float, int]:
+    """Mean and percentile-bootstrap interval of the mean over the non-NaN ``values``.
+    Returns ``(mean, low, high, n)``; NaNs where there is no value."""
+    v = values.double().flatten()
+    v = v[~v.isnan()]
+    n = v.numel()
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (n_resamples, n), generator=gen)
+    means = v[idx].mean(-1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(v.mean()), float(low), float(high), n
+
+
+def plausibility_labels(batch: TokenBatch, prompts: Sequence[str]) -> Tensor:
+    """Per-column labels for :func:`~tokattr.metrics.functional.plausibility_auprc`: 1 for
+    operand digits and operators, 0 for formatting (``$``, ``,``, spaces), -1 for every other
+    column, and -1 everywhere for a prompt the arithmetic parser does not read. ``[batch, seq]``
+    """
+    labels = torch.full(batch.feature_mask.shape, -1, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        try:
+            roles = label_prompt(prompt)
+        except ValueError:
+            continue
+        tok = token_roles(batch.offsets[b], prompt, roles)
+        value = [1 if r in (OPERAND, OPERATOR) else 0 if r == FORMATTING else -1 for r in tok]
+        cols = batch.feature_mask[b].nonzero().flatten().cpu()
+        labels[b, cols] = torch.tensor(value, dtype=torch.long)
+    return labels
+
+
+def _full_scores(attrs: Sequence[Attribution], feature_mask: Tensor) -> Tensor:
+    """Attribution scores back in the batch layout. ``[batch, seq]`` float32, 0 off features."""
+    out = torch.zeros(feature_mask.shape, dtype=torch.float32)
+    mask = feature_mask.cpu()
+    for b, a in enumerate(attrs):
+        out[b, mask[b]] = a.scores.float()
+    return out
+
+
+def _exact_shapley(problem: AttributionProblem, max_tokens: int) -> Tensor:
+    """Exact Shapley values of the rows short enough to enumerate; NaN rows otherwise."""
+    out = torch.full(problem.feature_mask.shape, math.nan, dtype=torch.float32)
+    short = (problem.n_features <= max_tokens).nonzero().flatten()
+    if short.numel():
+        sub = problem.select(short)
+        out[short.cpu()] = ExactShapley(max_tokens).attribute(sub).scores.float().cpu()
+    return out
+
+
+def _method_specs(
+    methods: Sequence[str] | Mapping[str, Mapping[str, object]],
+) -> dict[str, dict[str, object]]:
+    if isinstance(methods, str):
+        methods = [methods]
+    specs = (
+        {m: dict(p) for m, p in methods.items()}
+        if isinstance(methods, Mapping)
+        else {m: {} for m in methods}
+    )
+    if not specs:
+        raise ValueError("no methods given")
+    for name, params in specs.items():
+        build_method(name, params)  # refuses unknown methods and parameters now
+    return specs
+
+
+def _metric_instances(
+    metrics: Sequence[str] | None, params: Mapping[str, Mapping[str, object]] | None
+) -> list[str]:
+    names = (
+        list(METRICS)
+        if metrics is None
+        else [metrics]
+        if isinstance(metrics, str)
+        else list(metrics)
+    )
+    if not names:
+        raise ValueError("no metrics given")
+    unknown = sorted(set(names) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    extra = sorted(set(params or {}) - set(names))
+    if extra:
+        raise ValueError(f"parameters given for metric(s) {extra} that are not computed")
+    for name in names:  # refuses bad parameters before any work
+        given = dict((params or {}).get(name, {}))
+        takes = [
+            k
+            for k, p in inspect.signature(METRICS[name].__init__).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        unknown = sorted(set(given) - set(takes))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for metric {name!r}; it takes "
+                f"{takes or 'no parameters'}"
+            )
+        METRICS[name](**given)
+    return names
+
+
+def evaluate(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    answers: Sequence[str] | None = None,
+    methods: Sequence[str] | Mapping[str, Mapping[str, object]] = DEFAULT_METHODS,
+    metrics: Sequence[str] | None = None,
+    *,
+    baseline: str = "pad",
+    target_fn: str = "log_prob",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seeds: Sequence[int] | None = None,
+    metric_params: Mapping[str, Mapping[str, object]] | None = None,
+    random_model: LanguageModel | None = None,
+    randomization_seed: int = 0,
+    shapley_max_tokens: int = 16,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+) -> EvaluationTable:
+    """Score every method with every metric on the same prompts and answers.
+
+    Args:
+        lm: the model (:func:`tokattr.load_model`).
+        prompts: the prompts.
+        answers: the answer attributed for each prompt; ``None``: the model's greedy answers.
+        methods: method names, or ``{name: {hyper-parameter: value}}``.
+        metrics: names in :data:`tokattr.metrics.METRICS`; ``None``: all of them.
+            ``completeness_error`` is reported for integrated_gradients only and
+            ``shapley_error`` for kernel_shap and shapley_sampling on prompts of at most
+            ``shapley_max_tokens`` tokens.
+        baseline: how a token is removed, for the methods and the metrics alike.
+        target_fn: the target function (see :func:`tokattr.attribute`).
+        batch_size: prompts per batch, and the most sequences in one forward pass.
+        seeds: one seed per prompt for random methods and random perturbations (default: the
+            prompt's index), so a prompt's numbers do not depend on its batch.
+        metric_params: ``{metric: {parameter: value}}``, e.g.
+            ``{"infidelity": {"n_perturb_samples": 32}}``.
+        random_model: the re-initialised model of ``randomization_spearman`` (default:
+            :func:`tokattr.models.reinitialised` with ``randomization_seed``).
+        n_bootstrap: bootstrap resamples for the 95% intervals.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: unknown method, method parameter, metric, metric parameter or baseline;
+            no prompts; a prompt the model cannot take (see :func:`tokattr.attribute`). Every
+            input is checked before the first method runs.
+    """
+    specs = _method_specs(methods)
+    names = _metric_instances(metrics, metric_params)
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list:
+        raise ValueError("no prompts given")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    seed_list = list(range(len(prompt_list))) if seeds is None else [int(s) for s in seeds]
+    if len(seed_list) != len(prompt_list):
+        raise ValueError(f"{len(seed_list)} seeds for {len(prompt_list)} prompts")
+    if answers is None:
+        from tokattr.accuracy import greedy_answers
+
+        answer_list = greedy_answers(lm, prompt_list)
+        empty = [p for p, a in zip(prompt_list, answer_list, strict=True) if not a]
+        if empty:
+            raise ValueError(f"the model's greedy answer is empty for {empty[:3]}; pass answers")
+    else:
+        answer_list = [answers] if isinstance(answers, str) else list(answers)
+        if len(answer_list) != len(prompt_list):
+            raise ValueError(f"{len(answer_list)} answers for {len(prompt_list)} prompts")
+    # Tokenize everything first: a bad prompt fails before any method has run.
+    encoded = [
+        encode_example(lm.tokenizer, p, a, None, lm.max_length)
+        for p, a in zip(prompt_list, answer_list, strict=True)
+    ]
+    if "randomization_spearman" in names and random_model is None:
+        random_model = reinitialised(lm, randomization_seed)
+
+    chunks = [
+        range(i, min(i + batch_size, len(encoded))) for i in range(0, len(encoded), batch_size)
+    ]
+    metric_objs = {
+        (m, name): METRICS[name](**dict((metric_params or {}).get(name, {})))
+        for m in specs
+        for name in names
+        if m in APPLIES_TO.get(name, {m})
+    }
+    attributions: dict[str, list[Attribution]] = {m: [] for m in specs}
+    exact_cache: dict[int, Tensor] = {}
+    bar = _progress(len(specs) * len(prompt_list), progress)
+    for method, params in specs.items():
+        runner = build_method(method, params)
+        bar.set_description(method)
+        for c, chunk in enumerate(chunks):
+            batch = collate(lm.tokenizer, [encoded[i] for i in chunk]).to(lm.device)
+            chunk_prompts = [prompt_list[i] for i in chunk]
+            chunk_answers = [answer_list[i] for i in chunk]
+            chunk_seeds = [seed_list[i] for i in chunk]
+            common = dict(
+                target=chunk_answers,
+                baseline=baseline,
+                seed=chunk_seeds,
+                batch_size=batch_size,
+                target_fn=target_fn,
+                **params,
+            )
+            attrs = attribute(lm, chunk_prompts, method, **common)
+            assert isinstance(attrs, list)
+            attributions[method] += attrs
+            problem = batch_problem(lm, batch, baseline, target_fn, chunk_seeds, batch_size)
+            scores = _full_scores(attrs, batch.feature_mask).to(lm.device)
+            curves = F.erasure_curves(problem, scores) if set(ERASURE) & set(names) else None
+            for name in names:
+                metric = metric_objs.get((method, name))
+                if metric is None:
+                    continue
+                if name in ERASURE:
+                    metric.update(problem, scores, curves=curves)
+                elif name == "max_sensitivity":
+                    metric.update(problem, scores, runner)
+                elif name == "shapley_error":
+                    if c not in exact_cache:
+                        exact_cache[c] = _exact_shapley(problem, shapley_max_tokens)
+                    metric.update(scores.cpu(), exact_cache[c], batch.feature_mask.cpu())
+                elif name == "plausibility_auprc":
+                    metric.update(scores.cpu(), plausibility_labels(batch, chunk_prompts))
+                elif name == "randomization_spearman":
+                    assert random_model is not None
+                    rand = attribute(random_model, chunk_prompts, method, **common)
+                    assert isinstance(rand, list)
+                    rand_scores = _full_scores(rand, batch.feature_mask)
+                    metric.update(scores.cpu(), rand_scores, batch.feature_mask.cpu())
+                else:
+                    metric.update(problem, scores)
+            bar.update(len(chunk))
+    bar.close()
+    return _table(metric_objs, n_bootstrap, attributions)
+
+
+def _table(
+    metric_objs: Mapping[tuple[str, str], PerExampleMetric],
+    n_bootstrap: int,
+    attributions: dict[str, list[Attribution]],
+) -> EvaluationTable:
+    rows, values = [], {}
+    for (method, name), metric in metric_objs.items():
+        v = metric.per_example()
+        if v.ndim == 2:  # one column per token fraction, then their mean (AOPC)
+            fractions = metric.fractions  # type: ignore[attr-defined]
+            columns = {fraction_label(f): v[:, i] for i, f in enumerate(fractions)}
+            columns["aopc"] = v.mean(-1)
+        else:
+            columns = {"": v}
+        for k, col in columns.items():
+            mean, low, high, n = bootstrap_interval(col, n_bootstrap)
+            rows.append(MetricRow(method, name, k, mean, low, high, metric.higher_is_better, n))
+            values[(method, name, k)] = col
+    return EvaluationTable(rows=rows, values=values, attributions=attributions)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_description(self, desc: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool) -> object:  # tqdm, or a stand-in when disabled
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="example", dynamic_ncols=True)

@@ -1,0 +1,273 @@
+"""Faithfulness metrics as torchmetrics ``Metric``s: thin classes over
+:mod:`tokattr.metrics.functional`.
+
+Each metric keeps one ``cat`` state, the per-example values, so that processes can be merged
+(torchmetrics gathers the state across ranks on ``compute``) and bootstrap intervals drawn
+from them. ``compute`` is the mean over examples where the metric is defined (NaN values, e.g.
+a prompt without formatting tokens for plausibility, are left out). Every class declares
+``higher_is_better``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from tokattr.methods.problem import AttributionProblem, Method
+from tokattr.metrics import functional as F
+from tokattr.metrics.ranking import FRACTIONS
+
+
+def nanmean(values: Tensor) -> Tensor:
+    """Mean over the non-NaN entries along dim 0 (NaN where there are none)."""
+    if values.numel() == 0:
+        return torch.full(values.shape[1:], math.nan, dtype=torch.float64)
+    return values.double().nanmean(0)
+
+
+def fraction_label(f: float) -> str:
+    """``0.05 -> "5%"``: how a fraction k is named in outputs."""
+    return f"{f * 100:g}%"
+
+
+class PerExampleMetric(Metric):
+    """Abstract: a metric with one value per example (``[n]`` or ``[n, K]``), averaged."""
+
+    is_differentiable = False
+    full_state_update = False
+    higher_is_better: bool
+    name: str
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def _append(self, values: Tensor) -> None:
+        self.values.append(values.detach().double().to(self.device))
+
+    def per_example(self) -> Tensor:
+        """The values of every example seen (on every rank), in update order."""
+        values = self.values
+        if isinstance(values, list):
+            return dim_zero_cat(values) if values else torch.zeros(0, dtype=torch.float64)
+        return values
+
+    def compute(self) -> Tensor:
+        return nanmean(self.per_example())
+
+
+class _ByFraction(PerExampleMetric):
+    """Abstract: a metric at each token fraction k plus the mean over k (AOPC)."""
+
+    def __init__(self, fractions: Sequence[float] = FRACTIONS, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        F.top_k_sizes(torch.ones(1, dtype=torch.long), fractions)  # validates
+        self.fractions = tuple(float(f) for f in fractions)
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        """``{"1%": mean, …, "aopc": mean over k}``."""
+        values = self.per_example()  # [n, K]
+        if values.numel() == 0:
+            values = values.reshape(0, len(self.fractions))
+        means = nanmean(values)  # [K]
+        out = {fraction_label(f): means[i] for i, f in enumerate(self.fractions)}
+        out["aopc"] = nanmean(values.mean(-1, keepdim=True))[0]
+        return out
+
+
+class Comprehensiveness(_ByFraction):
+    """ERASER comprehensiveness (DeYoung et al., ACL 2020): ``f(x) - f(x without the top-k
+    tokens)`` at each k, and their mean (AOPC). Higher is better: removing the tokens a
+    faithful method ranks first should hurt the answer most."""
+
+    higher_is_better = True
+    name = "comprehensiveness"
+
+    def update(
+        self,
+        problem: AttributionProblem,
+        scores: Tensor,
+        curves: F.ErasureCurves | None = None,
+    ) -> None:
+        """``scores [batch, seq]``; ``curves`` (from :func:`erasure_curves`) saves the model
+        calls when several erasure metrics share a batch."""
+        curves = curves if curves is not None else F.erasure_curves(problem, scores)
+        self._append(F.comprehensiveness_from_curves(curves, self.fractions))
+
+
+class Sufficiency(_ByFraction):
+    """ERASER sufficiency (DeYoung et al., ACL 2020): ``f(x) - f(only the top-k tokens)`` at
+    each k, and their mean (AOPC). Lower is better: the top tokens alone should keep the
+    answer."""
+
+    higher_is_better = False
+    name = "sufficiency"
+
+    def update(
+        self,
+        problem: AttributionProblem,
+        scores: Tensor,
+        curves: F.ErasureCurves | None = None,
+    ) -> None:
+        curves = curves if curves is not None else F.erasure_curves(problem, scores)
+        self._append(F.sufficiency_from_curves(curves, self.fractions))
+
+
+class DeletionAUC(PerExampleMetric):
+    """Area under the normalised deletion curve (Petsiuk et al., BMVC 2018): tokens removed
+    in attribution order, ``f`` rescaled to 1 at the full prompt and 0 at the baseline.
+    Lower is better."""
+
+    higher_is_better = False
+    name = "deletion_auc"
+
+    def update(
+        self,
+        problem: AttributionProblem,
+        scores: Tensor,
+        curves: F.ErasureCurves | None = None,
+    ) -> None:
+        curves = curves if curves is not None else F.erasure_curves(problem, scores)
+        self._append(F.deletion_auc_from_curves(curves))
+
+
+class InsertionAUC(PerExampleMetric):
+    """Area under the normalised insertion curve (Petsiuk et al., BMVC 2018): tokens
+    inserted into the baseline in attribution order. Higher is better."""
+
+    higher_is_better = True
+    name = "insertion_auc"
+
+    def update(
+        self,
+        problem: AttributionProblem,
+        scores: Tensor,
+        curves: F.ErasureCurves | None = None,
+    ) -> None:
+        curves = curves if curves is not None else F.erasure_curves(problem, scores)
+        self._append(F.insertion_auc_from_curves(curves))
+
+
+class LooKendallTau(PerExampleMetric):
+    """Kendall tau-b between the scores and the drop in ``f`` when each token alone is
+    removed (leave-one-out agreement). Higher is better; occlusion with the same baseline
+    scores exactly 1."""
+
+    higher_is_better = True
+    name = "loo_kendall_tau"
+
+    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
+        self._append(F.loo_kendall_tau(problem, scores))
+
+
+class Infidelity(PerExampleMetric):
+    """Infidelity (Yeh et al., NeurIPS 2019) as ``captum.metrics.infidelity`` computes it,
+    with Gaussian perturbations of each token along its baseline-to-input segment (see
+    :func:`tokattr.metrics.functional.infidelity`). Lower is better."""
+
+    higher_is_better = False
+    name = "infidelity"
+
+    def __init__(
+        self,
+        n_perturb_samples: int = 16,
+        noise_std: float = 0.1,
+        normalize: bool = True,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)
+        if n_perturb_samples < 1 or noise_std <= 0:
+            raise ValueError(
+                "infidelity: n_perturb_samples must be >= 1 and noise_std > 0, got "
+                f"{n_perturb_samples!r}, {noise_std!r}"
+            )
+        self.n_perturb_samples, self.noise_std, self.normalize = (
+            n_perturb_samples,
+            noise_std,
+            normalize,
+        )
+
+    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
+        self._append(
+            F.infidelity(problem, scores, self.n_perturb_samples, self.noise_std, self.normalize)
+        )
+
+
+class MaxSensitivity(PerExampleMetric):
+    """Max-sensitivity (Yeh et al., NeurIPS 2019) as ``captum.metrics.sensitivity_max``
+    computes it, on the prompt tokens' embeddings; the method is re-run on every perturbed
+    input. Lower is better."""
+
+    higher_is_better = False
+    name = "max_sensitivity"
+
+    def __init__(
+        self, perturb_radius: float = 0.02, n_perturb_samples: int = 8, **kwargs: object
+    ) -> None:
+        super().__init__(**kwargs)
+        if n_perturb_samples < 1 or perturb_radius <= 0:
+            raise ValueError(
+                "max_sensitivity: n_perturb_samples must be >= 1 and perturb_radius > 0, got "
+                f"{n_perturb_samples!r}, {perturb_radius!r}"
+            )
+        self.perturb_radius, self.n_perturb_samples = perturb_radius, n_perturb_samples
+
+    def update(self, problem: AttributionProblem, scores: Tensor, method: Method) -> None:
+        self._append(
+            F.max_sensitivity(problem, scores, method, self.perturb_radius, self.n_perturb_samples)
+        )
+
+
+class CompletenessError(PerExampleMetric):
+    """Relative completeness error of Integrated Gradients (Sundararajan et al., ICML 2017):
+    ``|sum(scores) - (f(x) - f(baseline))| / |f(x) - f(baseline)|``. Lower is better.
+    Reported for ``integrated_gradients`` only."""
+
+    higher_is_better = False
+    name = "completeness_error"
+
+    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
+        self._append(F.completeness_error(problem, scores))
+
+
+class ShapleyError(PerExampleMetric):
+    """Relative L2 distance of a Shapley estimate to the exact Shapley values (all 2^n
+    coalitions; Lundberg & Lee, NeurIPS 2017; Castro et al., 2009). Lower is better. Rows
+    whose exact values are NaN (too long to enumerate) are left out."""
+
+    higher_is_better = False
+    name = "shapley_error"
+
+    def update(self, scores: Tensor, exact: Tensor, feature_mask: Tensor) -> None:
+        """``scores``, ``exact``: ``[batch, seq]``; ``feature_mask``: ``[batch, seq]`` bool."""
+        self._append(F.shapley_error(scores, exact, feature_mask))
+
+
+class PlausibilityAUPRC(PerExampleMetric):
+    """AUPRC of ``|score|`` for operand and operator tokens (label 1) against formatting
+    tokens (label 0), labels from the arithmetic generator. Higher is better."""
+
+    higher_is_better = True
+    name = "plausibility_auprc"
+
+    def update(self, scores: Tensor, labels: Tensor) -> None:
+        """``scores [batch, seq]``; ``labels [batch, seq]`` long: 1, 0 or -1 (ignored)."""
+        self._append(F.plausibility_auprc(scores, labels))
+
+
+class RandomizationSpearman(PerExampleMetric):
+    """Spearman correlation between scores on the model and on the same architecture with
+    re-initialised weights (Adebayo et al., NeurIPS 2018). Lower is better: a method whose
+    scores do not change with the weights does not explain the model."""
+
+    higher_is_better = False
+    name = "randomization_spearman"
+
+    def update(self, scores: Tensor, random_scores: Tensor, feature_mask: Tensor) -> None:
+        """All ``[batch, seq]``; ``random_scores`` from the re-initialised model."""
+        self._append(F.randomization_spearman(scores, random_scores, feature_mask))
