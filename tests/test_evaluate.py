@@ -113,7 +113,10 @@ def test_evaluate_values_equal_the_metric_functions():
     assert [a.prompt for a in attrs] == PROMPTS
     comp, dele = [], []
     for chunk in (slice(0, 3), slice(3, 4)):
-        enc = [encode_example(lm.tokenizer, p, a) for p, a in zip(PROMPTS[chunk], ANSWERS[chunk])]
+        enc = [
+            encode_example(lm.tokenizer, p, a)
+            for p, a in zip(PROMPTS[chunk], ANSWERS[chunk], strict=True)
+        ]
         batch = collate(lm.tokenizer, enc)
         problem = batch_problem(lm, batch)
         scores = torch.zeros(batch.feature_mask.shape)
