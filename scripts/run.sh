@@ -7,5 +7,6 @@ bash scripts/setup.sh
 VENV=${TOKATTR_VENV:-.venv}
 export WANDB_MODE=${WANDB_MODE:-offline}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-# Greedy exact-match accuracy of the bundled model per arithmetic bucket, on fresh problems.
-exec "$VENV/bin/tokattr" eval-model --model arith-tiny "$@"
+# The default benchmark: every method x every metric on 100 fresh arithmetic problems with the
+# bundled model; results in runs/bench (run again to resume; --overwrite to start over).
+exec "$VENV/bin/tokattr" bench --config configs/bench/arith.yaml "$@"

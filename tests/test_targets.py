@@ -127,11 +127,28 @@ def test_layout_left_pads_prompts_and_right_pads_answers():
     ]
 
 
-def test_answer_that_retokenizes_the_prompt_is_refused():
+def test_trailing_space_merged_into_the_answer_goes_to_the_answer():
     tok = tiny_lm("llama").tokenizer
-    # 'x' merges with the prompt's trailing metaspace: '▁' + 'x' -> '▁x'.
+    # 'x' merges with the prompt's trailing metaspace: '▁' + 'x' -> '▁x', as in the text
+    # '3 x 5 x' read whole; the space then belongs to the answer.
+    enc = encode_example(tok, "3 x 5 ", "x")
+    assert tok.convert_ids_to_tokens(enc.prompt_ids)[-1] == "5"
+    assert tok.convert_ids_to_tokens(enc.answer_ids) == ["▁x"]
+    whole = tok("3 x 5 x")["input_ids"]
+    assert enc.prompt_ids + enc.answer_ids == whole
+    # A trailing space the answer does not merge with stays a prompt token.
+    enc = encode_example(tok, "3 x 5 = ", "15")
+    assert tok.convert_ids_to_tokens(enc.prompt_ids)[-1] == "▁"
+
+
+def test_answer_that_retokenizes_the_prompt_is_refused():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "<s>": 3}, [("a", "b")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", pad_token="<s>")
     with pytest.raises(ValueError, match="not a prefix"):
-        encode_example(tok, "3 x 5 ", "x")
+        encode_example(tok, "a", "b")  # 'a' + 'b' -> 'ab': no token boundary to split at
 
 
 def test_encoding_errors():

@@ -74,6 +74,12 @@ def _heatmap(argv: list[str]) -> int:
     return _function_command(heatmap_command)(spread_list_options(argv))
 
 
+def _bench(argv: list[str]) -> int:
+    from tokattr.bench_cli import run_bench
+
+    return run_bench(argv)
+
+
 def _train(argv: list[str]) -> int:
     from tokattr.train import run_training
 
@@ -92,6 +98,10 @@ def _function_command(fn: Callable) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "attribute": (_attribute, "token attributions of prompts: a token x method table, JSON"),
+    "bench": (
+        _bench,
+        "every method x every metric over a prompt set; multi-GPU, resumable (LightningCLI)",
+    ),
     "heatmap": (
         _heatmap,
         "token x column heatmap (demonstrations or methods as columns): PNG + CSV",

@@ -27,12 +27,12 @@ from tokattr.attribution import (
     batch_problem,
     build_method,
 )
-from tokattr.batching import TokenBatch, collate, encode_example
+from tokattr.batching import Encoded, TokenBatch, collate, encode_example
 from tokattr.data.arithmetic import FORMATTING, OPERAND, OPERATOR, label_prompt
 from tokattr.data.labels import token_roles
 from tokattr.methods.exact_shapley import ExactShapley
-from tokattr.methods.problem import AttributionProblem
-from tokattr.metrics import APPLIES_TO, METRICS, PerExampleMetric
+from tokattr.methods.problem import AttributionProblem, Method
+from tokattr.metrics import APPLIES_TO, METRICS
 from tokattr.metrics import functional as F
 from tokattr.metrics.classes import fraction_label
 from tokattr.models import LanguageModel, reinitialised
@@ -313,12 +313,7 @@ def evaluate(
     chunks = [
         range(i, min(i + batch_size, len(encoded))) for i in range(0, len(encoded), batch_size)
     ]
-    metric_objs = {
-        (m, name): METRICS[name](**dict((metric_params or {}).get(name, {})))
-        for m in specs
-        for name in names
-        if m in APPLIES_TO.get(name, {m})
-    }
+    values: dict[tuple[str, str], list[Tensor]] = {}
     attributions: dict[str, list[Attribution]] = {m: [] for m in specs}
     exact_cache: dict[int, Tensor] = {}
     bar = _progress(len(specs) * len(prompt_list), progress)
@@ -326,70 +321,139 @@ def evaluate(
         runner = build_method(method, params)
         bar.set_description(method)
         for c, chunk in enumerate(chunks):
-            batch = collate(lm.tokenizer, [encoded[i] for i in chunk]).to(lm.device)
-            chunk_prompts = [prompt_list[i] for i in chunk]
-            chunk_answers = [answer_list[i] for i in chunk]
-            chunk_seeds = [seed_list[i] for i in chunk]
-            common = dict(
-                target=chunk_answers,
+            scored = score_batch(
+                lm,
+                [encoded[i] for i in chunk],
+                [prompt_list[i] for i in chunk],
+                [answer_list[i] for i in chunk],
+                [seed_list[i] for i in chunk],
+                method,
+                params,
+                names,
+                metric_params,
+                runner=runner,
                 baseline=baseline,
-                seed=chunk_seeds,
-                batch_size=batch_size,
                 target_fn=target_fn,
-                **params,
+                batch_size=batch_size,
+                random_model=random_model,
+                shapley_max_tokens=shapley_max_tokens,
+                exact=exact_cache.get(c),
             )
-            attrs = attribute(lm, chunk_prompts, method, **common)
-            assert isinstance(attrs, list)
-            attributions[method] += attrs
-            problem = batch_problem(lm, batch, baseline, target_fn, chunk_seeds, batch_size)
-            scores = _full_scores(attrs, batch.feature_mask).to(lm.device)
-            curves = F.erasure_curves(problem, scores) if set(ERASURE) & set(names) else None
-            for name in names:
-                metric = metric_objs.get((method, name))
-                if metric is None:
-                    continue
-                if name in ERASURE:
-                    metric.update(problem, scores, curves=curves)
-                elif name == "max_sensitivity":
-                    metric.update(problem, scores, runner)
-                elif name == "shapley_error":
-                    if c not in exact_cache:
-                        exact_cache[c] = _exact_shapley(problem, shapley_max_tokens)
-                    metric.update(scores.cpu(), exact_cache[c], batch.feature_mask.cpu())
-                elif name == "plausibility_auprc":
-                    metric.update(scores.cpu(), plausibility_labels(batch, chunk_prompts))
-                elif name == "randomization_spearman":
-                    assert random_model is not None
-                    rand = attribute(random_model, chunk_prompts, method, **common)
-                    assert isinstance(rand, list)
-                    rand_scores = _full_scores(rand, batch.feature_mask)
-                    metric.update(scores.cpu(), rand_scores, batch.feature_mask.cpu())
-                else:
-                    metric.update(problem, scores)
+            if scored.exact is not None:
+                exact_cache[c] = scored.exact
+            attributions[method] += scored.attributions
+            for name, v in scored.values.items():
+                values.setdefault((method, name), []).append(v)
             bar.update(len(chunk))
     bar.close()
-    return _table(metric_objs, n_bootstrap, attributions)
+    return table_from_values(
+        {k: torch.cat(v) for k, v in values.items()}, metric_params, n_bootstrap, attributions
+    )
 
 
-def _table(
-    metric_objs: Mapping[tuple[str, str], PerExampleMetric],
-    n_bootstrap: int,
-    attributions: dict[str, list[Attribution]],
+@dataclass(frozen=True)
+class BatchScores:
+    """One method on one batch: the attributions, each applicable metric's per-example values
+    (``[batch]``, or ``[batch, K]`` per token fraction) and the exact Shapley values computed
+    for ``shapley_error`` (reusable by the next SHAP method on the same batch)."""
+
+    attributions: list[Attribution]
+    values: dict[str, Tensor]
+    exact: Tensor | None
+
+
+def score_batch(
+    lm: LanguageModel,
+    encoded: Sequence[Encoded],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    seeds: Sequence[int],
+    method: str,
+    params: Mapping[str, object],
+    metrics: Sequence[str],
+    metric_params: Mapping[str, Mapping[str, object]] | None = None,
+    *,
+    runner: Method | None = None,
+    baseline: str = "pad",
+    target_fn: str = "log_prob",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    random_model: LanguageModel | None = None,
+    shapley_max_tokens: int = 16,
+    exact: Tensor | None = None,
+) -> BatchScores:
+    """Attribute one batch of examples with one method and compute every metric that applies
+    to it (see :data:`tokattr.metrics.APPLIES_TO`), one value per example. The building block
+    of :func:`evaluate` and of the benchmark runner."""
+    runner = runner if runner is not None else build_method(method, dict(params))
+    batch = collate(lm.tokenizer, list(encoded)).to(lm.device)
+    common = dict(
+        target=list(answers),
+        baseline=baseline,
+        seed=list(seeds),
+        batch_size=batch_size,
+        target_fn=target_fn,
+        **params,
+    )
+    attrs = attribute(lm, list(prompts), method, **common)
+    assert isinstance(attrs, list)
+    problem = batch_problem(lm, batch, baseline, target_fn, list(seeds), batch_size)
+    scores = _full_scores(attrs, batch.feature_mask).to(lm.device)
+    if method == "exact_shapley" and exact is None:
+        exact = scores.float().cpu()  # what shapley_error compares the estimators against
+    names = [n for n in metrics if method in APPLIES_TO.get(n, {method})]
+    curves = F.erasure_curves(problem, scores) if set(ERASURE) & set(names) else None
+    values: dict[str, Tensor] = {}
+    for name in names:
+        metric = METRICS[name](**dict((metric_params or {}).get(name, {})))
+        if name in ERASURE:
+            metric.update(problem, scores, curves=curves)
+        elif name == "max_sensitivity":
+            metric.update(problem, scores, runner)
+        elif name == "shapley_error":
+            if exact is None:
+                exact = _exact_shapley(problem, shapley_max_tokens)
+            metric.update(scores.cpu(), exact, batch.feature_mask.cpu())
+        elif name == "plausibility_auprc":
+            metric.update(scores.cpu(), plausibility_labels(batch, prompts))
+        elif name == "randomization_spearman":
+            if random_model is None:
+                raise ValueError("randomization_spearman needs the re-initialised model")
+            rand = attribute(random_model, list(prompts), method, **common)
+            assert isinstance(rand, list)
+            rand_scores = _full_scores(rand, batch.feature_mask)
+            metric.update(scores.cpu(), rand_scores, batch.feature_mask.cpu())
+        else:
+            metric.update(problem, scores)
+        values[name] = metric.per_example().cpu()
+    return BatchScores(attrs, values, exact)
+
+
+def metric_fractions(name: str, metric_params: Mapping[str, Mapping[str, object]] | None) -> tuple:
+    """The token fractions of an ERASER metric with these parameters."""
+    return tuple(METRICS[name](**dict((metric_params or {}).get(name, {}))).fractions)
+
+
+def table_from_values(
+    values: Mapping[tuple[str, str], Tensor],
+    metric_params: Mapping[str, Mapping[str, object]] | None,
+    n_bootstrap: int = 1000,
+    attributions: dict[str, list[Attribution]] | None = None,
 ) -> EvaluationTable:
-    rows, values = [], {}
-    for (method, name), metric in metric_objs.items():
-        v = metric.per_example()
+    """The method x metric table of per-example values ``{(method, metric): [n] or [n, K]}``."""
+    rows, out = [], {}
+    for (method, name), v in values.items():
         if v.ndim == 2:  # one column per token fraction, then their mean (AOPC)
-            fractions = metric.fractions  # type: ignore[attr-defined]
+            fractions = metric_fractions(name, metric_params)
             columns = {fraction_label(f): v[:, i] for i, f in enumerate(fractions)}
             columns["aopc"] = v.mean(-1)
         else:
             columns = {"": v}
         for k, col in columns.items():
             mean, low, high, n = bootstrap_interval(col, n_bootstrap)
-            rows.append(MetricRow(method, name, k, mean, low, high, metric.higher_is_better, n))
-            values[(method, name, k)] = col
-    return EvaluationTable(rows=rows, values=values, attributions=attributions)
+            higher = METRICS[name].higher_is_better
+            rows.append(MetricRow(method, name, k, mean, low, high, higher, n))
+            out[(method, name, k)] = col
+    return EvaluationTable(rows=rows, values=out, attributions=attributions or {})
 
 
 class _NoBar:

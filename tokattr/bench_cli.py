@@ -1,0 +1,193 @@
+"""``tokattr bench``: every method and metric over a prompt set, on one CPU or many GPUs.
+
+    tokattr bench --config configs/bench/arith.yaml [--trainer.devices 2 ...] [--out_dir DIR]
+
+LightningCLI over :class:`~tokattr.runner.AttributionModule` and
+:class:`~tokattr.runner.PromptDataModule`: every ``--trainer.*`` flag (accelerator, devices,
+strategy, precision, num_nodes, …), ``--model.*``, ``--data.*``, plus ``--out_dir``,
+``--max_examples``, ``--methods`` and ``--overwrite``. Results are written as they are
+produced; the same command on the same ``out_dir`` resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from tokattr.methods import METHODS
+from tokattr.results import check_run, merge
+from tokattr.runner import (
+    AttributionModule,
+    ExamplesPerSecond,
+    PromptDataModule,
+    ResultWriter,
+    done_pairs,
+    finished_examples,
+)
+
+
+class BenchCLI(LightningCLI):
+    """The ``tokattr bench`` parser: LightningCLI plus the run's own options."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--out_dir", type=str, default="runs/bench", help="Where results are written."
+        )
+        parser.add_argument(
+            "--max_examples",
+            type=int | None,
+            default=None,
+            help="Keep only the first N examples of the data set.",
+        )
+        parser.add_argument(
+            "--methods",
+            type=list[str] | None,
+            default=None,
+            help="Run only these methods (names; parameters from model.methods or defaults).",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Discard results of a different run found in out_dir.",
+        )
+        parser.add_argument(
+            "--n_bootstrap",
+            type=int,
+            default=1000,
+            help="Bootstrap resamples for the 95%% intervals of metrics.csv.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        if cfg.methods is not None:
+            unknown = sorted(set(cfg.methods) - set(METHODS))
+            if unknown:
+                raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            configured = cfg.model.methods or {}
+            cfg.model.methods = {m: dict(configured.get(m) or {}) for m in cfg.methods}
+        if cfg.max_examples is not None:
+            cfg.data.max_examples = cfg.max_examples
+        _check_devices(cfg.trainer)
+
+
+def _check_devices(trainer_cfg: Any) -> None:
+    """``devices`` more than this machine has: a clear error before any work."""
+    devices, accelerator = trainer_cfg.devices, str(trainer_cfg.accelerator)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)  # the command line gives "2"
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        return  # "auto", -1 and lists are Lightning's to resolve
+    if accelerator == "cpu" and devices > (os.cpu_count() or 1):
+        raise ValueError(
+            f"--trainer.devices {devices}: this machine has {os.cpu_count()} CPU cores"
+        )
+    if accelerator in ("gpu", "cuda") and devices > torch.cuda.device_count():
+        raise ValueError(
+            f"--trainer.devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+
+
+def _is_rank_zero() -> bool:
+    """True in the process the user started (before Lightning launches the others)."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def make_cli(argv: list[str]) -> BenchCLI:
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads ``args`` only
+    try:
+        with warnings.catch_warnings():
+            # Lightning 2.6's LightningCLI calls jsonargparse's deprecated add_instantiator.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return BenchCLI(
+                AttributionModule,
+                PromptDataModule,
+                run=False,
+                args=argv,
+                seed_everything_default=0,
+                save_config_callback=None,
+                trainer_defaults={
+                    "inference_mode": False,  # gradient methods need autograd in predict_step
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_model_summary": False,
+                },
+                parser_kwargs={"prog": "tokattr bench", "description": __doc__.split("\n\n")[0]},
+            )
+    except MisconfigurationException as e:
+        raise ValueError(f"trainer: {e}") from e
+    finally:
+        sys.argv = saved
+
+
+def run_bench(argv: list[str]) -> int:
+    """Entry point of ``tokattr bench``; returns a process exit code."""
+    cli = make_cli(argv)
+    cfg, module, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
+    out_dir = Path(cfg.out_dir)
+    examples = data.examples()  # a missing file or an empty data set fails here
+    methods = list(module.methods)
+    identity = {
+        "model": module.model_name,
+        "dtype": str(cfg.model.dtype),
+        "examples": [[e["example_id"], e["prompt"], e["answer"]] for e in examples],
+        "methods": module.methods,
+        "metrics": module.metric_names,
+        "metric_params": module.metric_params,
+        "baseline": module.baseline,
+        "target_fn": module.target_fn,
+        "shapley_max_tokens": module.shapley_max_tokens,
+        "randomization_seed": module.randomization_seed,
+    }
+    if _is_rank_zero():
+        check_run(out_dir, identity, cfg.overwrite)
+        (out_dir / "config.yaml").write_text(cli.parser.dump(cfg, skip_none=False))
+    done = done_pairs(out_dir)
+    module.done = done
+    data.skip = finished_examples(done, examples, methods)
+    todo = len(examples) - len(data.skip)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)] + [
+        ResultWriter(out_dir),
+        ExamplesPerSecond(),
+    ]
+    if _is_rank_zero():
+        print(
+            f"tokattr bench: {len(examples)} examples x {len(methods)} methods -> {out_dir}"
+            + (f" ({len(examples) - todo} examples already done)" if data.skip else ""),
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    if todo:
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    if not trainer.is_global_zero:
+        return 0
+    table = _merge_when_complete(out_dir, examples, methods, module, cfg.n_bootstrap)
+    print(table.to_markdown())
+    print(
+        f"\n{len(examples)} examples x {len(methods)} methods in "
+        f"{time.perf_counter() - start:.1f} s -> {out_dir}/attributions.jsonl, metrics.csv, "
+        "summary.md"
+    )
+    return 0
+
+
+def _merge_when_complete(out_dir, examples, methods, module, n_bootstrap, wait_s: float = 120):
+    """Merge once every rank's rows are on disk (other ranks may still be flushing)."""
+    ids = [e["example_id"] for e in examples]
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return merge(out_dir, ids, methods, module.metric_params, n_bootstrap)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -1,0 +1,179 @@
+"""Results on disk: one JSON line per (example, method), written as produced, merged at the end.
+
+Layout of a run's ``out_dir``:
+
+- ``parts/rank{r}.jsonl`` — rows as each process produces them (flushed per batch). A run
+  killed at any moment leaves at most one partial last line per file, which is cut off when
+  the file is opened again and skipped when read.
+- ``attributions.jsonl`` — the merged rows, one per (example, method), in data-set order.
+- ``metrics.csv`` — ``method, metric, k, mean, ci_low, ci_high, higher_is_better, n``.
+- ``summary.md`` — the method x metric table.
+- ``run.json`` — what identifies the run (model, data, methods, metrics, …); a resumed run
+  must match it.
+
+No Lightning here: the runner and plain Python share these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokattr.evaluation import EvaluationTable, table_from_values
+
+ROW_FIELDS = (
+    "example_id",
+    "method",
+    "prompt",
+    "answer",
+    "tokens",
+    "scores",
+    "labels",
+    "time_ms",
+    "model_evals",
+)
+"""Every row has these keys (plus ``metrics``: ``{name: value or [value per k]}``, and
+``error`` when the method could not score the example)."""
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: NaN (a metric undefined for an example) is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RowWriter:
+    """Appends rows to a JSONL file, one flushed line per row; reopening a file that ends in a
+    partial line (a killed run) cuts that line off first."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_partial_line(self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(_clean(dict(row)), ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _cut_partial_line(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    with path.open("r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete rows of one JSONL file (a partial or corrupt line is skipped)."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                return  # the partial last line of a killed run
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def part_files(out_dir: str | Path) -> list[Path]:
+    return sorted((Path(out_dir) / "parts").glob("rank*.jsonl"))
+
+
+def read_parts(out_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every complete row written so far, by ``(example_id, method)`` (first one wins)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in part_files(out_dir):
+        for row in iter_rows(path):
+            rows.setdefault((str(row["example_id"]), row["method"]), row)
+    return rows
+
+
+def check_run(out_dir: str | Path, identity: Mapping[str, Any], overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that holds results of a different run (unless ``overwrite``, which
+    deletes them); record ``identity`` for the next resume."""
+    out = Path(out_dir)
+    run_file = out / "run.json"
+    identity = json.loads(json.dumps(identity))  # normalise tuples etc.
+    if run_file.exists() and not overwrite:
+        previous = json.loads(run_file.read_text())
+        if previous != identity:
+            changed = sorted(
+                k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k)
+            )
+            raise ValueError(
+                f"{out} holds results of a different run (changed: {', '.join(changed)}); "
+                "use another --out_dir, or --overwrite to discard them"
+            )
+    if overwrite:
+        for path in [*part_files(out), *(out / n for n in OUTPUTS)]:
+            path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+
+
+OUTPUTS = ("attributions.jsonl", "metrics.csv", "summary.md")
+
+
+def merge(
+    out_dir: str | Path,
+    example_ids: Sequence[str],
+    methods: Sequence[str],
+    metric_params: Mapping[str, Mapping[str, object]] | None = None,
+    n_bootstrap: int = 1000,
+) -> EvaluationTable:
+    """Merge the part files into ``attributions.jsonl`` (data-set order, then method order),
+    and write ``metrics.csv`` and ``summary.md``.
+
+    Raises:
+        RuntimeError: a (example, method) pair of the data set has no row (a gap).
+    """
+    out = Path(out_dir)
+    rows = read_parts(out)
+    missing = [(e, m) for e in example_ids for m in methods if (e, m) not in rows]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} (example, method) pairs have no result, e.g. {missing[:3]}; run "
+            "the same command again to finish them"
+        )
+    ordered = [rows[(e, m)] for e in example_ids for m in methods]
+    tmp = out / "attributions.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in ordered:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out / "attributions.jsonl")
+
+    values: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for m in methods:
+        for e in example_ids:
+            for name, v in rows[(e, m)].get("metrics", {}).items():
+                per_k = isinstance(v, list)  # one value per token fraction -> a row of [n, K]
+                t = torch.tensor(
+                    [math.nan if x is None else x for x in (v if per_k else [v])],
+                    dtype=torch.float64,
+                )
+                values.setdefault((m, name), []).append(t if per_k else t[0])
+    stacked = {k: torch.stack(v) for k, v in values.items()}
+    table = table_from_values(stacked, metric_params, n_bootstrap)
+    table.to_csv(out / "metrics.csv")
+    (out / "summary.md").write_text(table.to_markdown() + "\n", encoding="utf-8")
+    return table
