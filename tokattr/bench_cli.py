@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tokattr.methods import METHODS
-from tokattr.results import check_run, merge
+from tokattr.results import check_run, cost_markdown, iter_rows, merge
 from tokattr.runner import (
     AttributionModule,
     ExamplesPerSecond,
@@ -59,6 +59,25 @@ class BenchCLI(LightningCLI):
             type=bool,
             default=False,
             help="Discard results of a different run found in out_dir.",
+        )
+        parser.add_argument(
+            "--report",
+            type=bool,
+            default=True,
+            help="Write out_dir/report.html and the PNG figures when the run is complete.",
+        )
+        parser.add_argument(
+            "--wandb",
+            type=bool,
+            default=True,
+            help="Log the finished run to W&B (WandbLogger; files under out_dir/wandb).",
+        )
+        parser.add_argument("--wandb_project", type=str, default="tokattr", help="The W&B project.")
+        parser.add_argument(
+            "--wandb_online",
+            type=bool,
+            default=False,
+            help="Sync to W&B (needs a key); offline otherwise. WANDB_MODE is respected.",
         )
         parser.add_argument(
             "--n_bootstrap",
@@ -131,6 +150,9 @@ def make_cli(argv: list[str]) -> BenchCLI:
 
 def run_bench(argv: list[str]) -> int:
     """Entry point of ``tokattr bench``; returns a process exit code."""
+    # Batches are whole chunks of examples (see PromptDataModule.chunks); the results writer
+    # does not need Lightning's batch indices.
+    warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
     cli = make_cli(argv)
     cfg, module, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     out_dir = Path(cfg.out_dir)
@@ -172,6 +194,9 @@ def run_bench(argv: list[str]) -> int:
         return 0
     table = _merge_when_complete(out_dir, examples, methods, module, cfg.n_bootstrap)
     print(table.to_markdown())
+    print()
+    print(cost_markdown(_rows_in_order(out_dir), methods))
+    _report_and_log(cli, out_dir)
     print(
         f"\n{len(examples)} examples x {len(methods)} methods in "
         f"{time.perf_counter() - start:.1f} s -> {out_dir}/attributions.jsonl, metrics.csv, "
@@ -191,3 +216,27 @@ def _merge_when_complete(out_dir, examples, methods, module, n_bootstrap, wait_s
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _rows_in_order(out_dir: Path) -> list[dict[str, Any]]:
+    return list(iter_rows(out_dir / "attributions.jsonl"))
+
+
+def _report_and_log(cli: BenchCLI, out_dir: Path) -> None:
+    """The HTML report and the W&B run of a complete run (rank 0)."""
+    cfg = cli.config
+    if cfg.report:
+        from tokattr.report import write_report
+
+        path = write_report(out_dir)
+        print(f"report: {path}", file=sys.stderr)
+    if cfg.wandb:
+        import json
+
+        from tokattr.report import load_run
+        from tokattr.wandb_log import log_run, make_logger
+
+        logger = make_logger(out_dir, cfg.wandb_project, cfg.wandb_online)
+        config = json.loads(cli.parser.dump(cfg, format="json", skip_none=False))
+        log_run(logger, load_run(out_dir), config)
+        print(f"W&B run (offline unless --wandb_online): {out_dir / 'wandb'}", file=sys.stderr)

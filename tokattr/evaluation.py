@@ -360,6 +360,7 @@ class BatchScores:
     attributions: list[Attribution]
     values: dict[str, Tensor]
     exact: Tensor | None
+    curves: list[dict[str, list[float]]] | None = None  # per example: f along the curves
 
 
 def score_batch(
@@ -425,7 +426,16 @@ def score_batch(
         else:
             metric.update(problem, scores)
         values[name] = metric.per_example().cpu()
-    return BatchScores(attrs, values, exact)
+    per_example = None
+    if curves is not None:  # f at each step: deletion from f(x), insertion from f(baseline)
+        per_example = [
+            {
+                "deletion": curves.deletion[b, : int(curves.n[b]) + 1].tolist(),
+                "insertion": curves.insertion[b, : int(curves.n[b]) + 1].tolist(),
+            }
+            for b in range(len(attrs))
+        ]
+    return BatchScores(attrs, values, exact, per_example)
 
 
 def metric_fractions(name: str, metric_params: Mapping[str, Mapping[str, object]] | None) -> tuple:

@@ -175,5 +175,26 @@ def merge(
     stacked = {k: torch.stack(v) for k, v in values.items()}
     table = table_from_values(stacked, metric_params, n_bootstrap)
     table.to_csv(out / "metrics.csv")
-    (out / "summary.md").write_text(table.to_markdown() + "\n", encoding="utf-8")
+    cost = cost_markdown(ordered, methods)
+    (out / "summary.md").write_text(table.to_markdown() + "\n\n" + cost + "\n", encoding="utf-8")
     return table
+
+
+def cost_markdown(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
+    """Per method: examples scored, errors, attribution time and model evaluations (the
+    method's own cost; the metrics' model calls are not counted)."""
+    lines = [
+        "| method | examples | errors | time (s) | ms / example | model evals / example |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        scored = [r for r in mine if not r.get("error")]
+        n = max(len(scored), 1)
+        total = sum(r["time_ms"] for r in scored)
+        evals = sum(r["model_evals"] for r in scored)
+        lines.append(
+            f"| {m} | {len(scored)} | {len(mine) - len(scored)} | {total / 1000:.1f} | "
+            f"{total / n:.1f} | {evals / n:.0f} |"
+        )
+    return "\n".join(lines)

@@ -274,6 +274,7 @@ class AttributionModule(pl.LightningModule):
                     "time_ms": attr.time_ms,
                     "model_evals": attr.model_evals,
                     "metrics": {n: v[j].tolist() for n, v in scored.values.items()},
+                    "curves": None if scored.curves is None else scored.curves[j],
                 }
             )
         return rows
@@ -290,6 +291,7 @@ class AttributionModule(pl.LightningModule):
             "time_ms": 0.0,
             "model_evals": 0,
             "metrics": {},
+            "curves": None,
             "error": str(err),
         }
 

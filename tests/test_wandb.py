@@ -1,0 +1,78 @@
+"""``tokattr bench`` logs the finished run to W&B (offline) and writes report.html: read back
+with W&B's own client (``wandb leet inspect --summary``) and from the media files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokattr.cli import main
+from tokattr.wandb_log import SUMMARY_COLUMNS, TOKEN_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+WANDB = str(Path(sys.executable).parent / "wandb")
+METHODS = ["occlusion", "random", "saliency"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wandb") / "run"
+    code = main(["bench", "--config", str(ROOT / "configs/bench/quick.yaml"),
+                 "--max_examples", "4", "--methods", json.dumps(METHODS),
+                 "--out_dir", str(out)])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _media(run: Path, kind: str, key: str) -> list[Path]:
+    return sorted((run / "files" / "media" / kind).glob(f"{key}_*"))
+
+
+def test_the_offline_run_holds_every_figure_and_table(run_dir):
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # rank 0 only, one run
+    run = runs[0]
+    out = subprocess.run([WANDB, "leet", "inspect", "--summary", str(run)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = out.stdout
+    assert "finished" in summary
+    for key in ("metrics", "token_scores", "heatmaps", "erasure_curves", "erasure_curves_table",
+                "agreement", "agreement_table", "metrics_chart"):  # fmt: skip
+        assert f"\n  {key} " in summary, key
+    for m in METHODS:
+        assert f"{m}/comprehensiveness" in summary
+    assert "model.model" in summary and "arith-tiny" in summary  # the run config
+
+    with (run_dir / "attributions.jsonl").open() as f:
+        rows = [json.loads(line) for line in f]
+    with (run_dir / "metrics.csv").open() as f:
+        metric_rows = list(csv.DictReader(f))
+    (tokens,) = _media(run, "table", "token_scores")
+    table = json.loads(tokens.read_text())
+    assert table["columns"] == TOKEN_COLUMNS
+    assert len(table["data"]) == sum(len(r["tokens"]) for r in rows)
+    (metrics,) = _media(run, "table", "metrics")
+    table = json.loads(metrics.read_text())
+    assert table["columns"] == SUMMARY_COLUMNS
+    assert len(table["data"]) == len(metric_rows)
+    (agreement,) = _media(run, "table", "agreement_table")
+    table = json.loads(agreement.read_text())
+    assert table["columns"] == ["method", *METHODS] and len(table["data"]) == 3
+    assert len(_media(run, "images", "heatmaps")) == 4  # one per example
+    for key in ("erasure_curves", "agreement", "metrics_chart"):
+        assert len(_media(run, "images", key)) == 1, key
+
+
+def test_the_report_and_figures_are_on_disk(run_dir):
+    report = (run_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4 + 3
+    assert "http://" not in report and "https://" not in report
+    figures = {p.name for p in (run_dir / "figures").glob("*.png")}
+    assert {"erasure_curves.png", "agreement.png", "metrics.png"} <= figures
+    assert sum(name.startswith("heatmap_") for name in figures) == 4
