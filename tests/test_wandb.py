@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,36 @@ def test_the_report_and_figures_are_on_disk(run_dir):
     figures = {p.name for p in (run_dir / "figures").glob("*.png")}
     assert {"erasure_curves.png", "agreement.png", "metrics.png"} <= figures
     assert sum(name.startswith("heatmap_") for name in figures) == 4
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(page: Path, png: Path, profile: Path, size: str = "1280,2400") -> str:
+    """Open ``page`` in headless Chromium, save a screenshot; returns Chromium's log."""
+    assert CHROMIUM is not None
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+         f"--window-size={size}", f"--screenshot={png}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)"
+)
+def test_report_opens_in_headless_chromium(run_dir, tmp_path):
+    png = tmp_path / "report.png"
+    log = screenshot(run_dir / "report.html", png, tmp_path / "profile")
+    console = [line for line in log.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
+    from matplotlib.image import imread
+
+    img = imread(png)  # [height, width, channels]
+    assert img.shape[:2] == (2400, 1280)
+    assert img[..., :3].std() > 0.05  # a page was drawn, not a blank

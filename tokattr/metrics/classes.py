@@ -61,7 +61,26 @@ class PerExampleMetric(Metric):
         return nanmean(self.per_example())
 
 
-class _ByFraction(PerExampleMetric):
+class _FromCurves(PerExampleMetric):
+    """Abstract: a metric read off the deletion / insertion curves
+    (:func:`~tokattr.metrics.functional.erasure_curves`)."""
+
+    def update(
+        self,
+        problem: AttributionProblem,
+        scores: Tensor,
+        curves: F.ErasureCurves | None = None,
+    ) -> None:
+        """``scores [batch, seq]``; ``curves`` (from :func:`erasure_curves`) saves the model
+        calls when several erasure metrics share a batch."""
+        curves = curves if curves is not None else F.erasure_curves(problem, scores)
+        self._append(self._from_curves(curves))
+
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        raise NotImplementedError
+
+
+class _ByFraction(_FromCurves):
     """Abstract: a metric at each token fraction k plus the mean over k (AOPC)."""
 
     def __init__(self, fractions: Sequence[float] = FRACTIONS, **kwargs: object) -> None:
@@ -88,16 +107,8 @@ class Comprehensiveness(_ByFraction):
     higher_is_better = True
     name = "comprehensiveness"
 
-    def update(
-        self,
-        problem: AttributionProblem,
-        scores: Tensor,
-        curves: F.ErasureCurves | None = None,
-    ) -> None:
-        """``scores [batch, seq]``; ``curves`` (from :func:`erasure_curves`) saves the model
-        calls when several erasure metrics share a batch."""
-        curves = curves if curves is not None else F.erasure_curves(problem, scores)
-        self._append(F.comprehensiveness_from_curves(curves, self.fractions))
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.comprehensiveness_from_curves(curves, self.fractions)
 
 
 class Sufficiency(_ByFraction):
@@ -108,17 +119,11 @@ class Sufficiency(_ByFraction):
     higher_is_better = False
     name = "sufficiency"
 
-    def update(
-        self,
-        problem: AttributionProblem,
-        scores: Tensor,
-        curves: F.ErasureCurves | None = None,
-    ) -> None:
-        curves = curves if curves is not None else F.erasure_curves(problem, scores)
-        self._append(F.sufficiency_from_curves(curves, self.fractions))
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.sufficiency_from_curves(curves, self.fractions)
 
 
-class DeletionAUC(PerExampleMetric):
+class DeletionAUC(_FromCurves):
     """Area under the normalised deletion curve (Petsiuk et al., BMVC 2018): tokens removed
     in attribution order, ``f`` rescaled to 1 at the full prompt and 0 at the baseline.
     Lower is better."""
@@ -126,31 +131,19 @@ class DeletionAUC(PerExampleMetric):
     higher_is_better = False
     name = "deletion_auc"
 
-    def update(
-        self,
-        problem: AttributionProblem,
-        scores: Tensor,
-        curves: F.ErasureCurves | None = None,
-    ) -> None:
-        curves = curves if curves is not None else F.erasure_curves(problem, scores)
-        self._append(F.deletion_auc_from_curves(curves))
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.deletion_auc_from_curves(curves)
 
 
-class InsertionAUC(PerExampleMetric):
+class InsertionAUC(_FromCurves):
     """Area under the normalised insertion curve (Petsiuk et al., BMVC 2018): tokens
     inserted into the baseline in attribution order. Higher is better."""
 
     higher_is_better = True
     name = "insertion_auc"
 
-    def update(
-        self,
-        problem: AttributionProblem,
-        scores: Tensor,
-        curves: F.ErasureCurves | None = None,
-    ) -> None:
-        curves = curves if curves is not None else F.erasure_curves(problem, scores)
-        self._append(F.insertion_auc_from_curves(curves))
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.insertion_auc_from_curves(curves)
 
 
 class LooKendallTau(PerExampleMetric):
