@@ -198,7 +198,7 @@ def _method_specs(
     return specs
 
 
-def _metric_instances(
+def _metric_names(
     metrics: Sequence[str] | None, params: Mapping[str, Mapping[str, object]] | None
 ) -> list[str]:
     names = (
@@ -280,7 +280,7 @@ def evaluate(
             input is checked before the first method runs.
     """
     specs = _method_specs(methods)
-    names = _metric_instances(metrics, metric_params)
+    names = _metric_names(metrics, metric_params)
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -311,15 +312,8 @@ def max_sensitivity(
         if as_tuple:
             (embeds,) = embeds
         rows = additional_forward_args[0].to(problem.embeds.device)
-        sub = AttributionProblem(
-            forward=problem.forward,
-            embeds=embeds.detach(),
-            baselines=problem.baselines[rows],
-            feature_mask=problem.feature_mask[rows],
-            inputs=problem.inputs.select(rows),
-            batch_size=problem.batch_size,
-            seeds=tuple(problem.seeds[int(r)] for r in rows),
-        )
+        # The rows' own baselines, masks, target inputs and seeds; the perturbed embeddings.
+        sub = dataclasses.replace(problem.select(rows), embeds=embeds.detach())
         with torch.enable_grad():
             scores = method.attribute(sub).scores.float()
         return (scores,) if as_tuple else scores
