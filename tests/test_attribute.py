@@ -77,8 +77,9 @@ def test_forwards_are_batched(method):
     prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
     res = run(lm, prompts, method, targets, seed=0, batch_size=8, target_fn=counting)
     counted = [c for c in calls]
-    # The last forward per batch computes f(x) for the report, outside the method.
-    method_calls = counted[:-1]
+    # IG and occlusion compute f(x) themselves; for the others one last forward per batch
+    # computes it for the report, outside the method.
+    method_calls = counted if method in ("integrated_gradients", "occlusion") else counted[:-1]
     assert max(counted) <= 8
     assert sum(method_calls) == sum(r.model_evals for r in res)
     if method != "random":
@@ -96,9 +97,37 @@ def test_one_prompt_in_a_batch_uses_the_others_forwards():
         return log_prob(model, embeds, inputs)
 
     prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
-    run(lm, prompts, "occlusion", [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]],
-        batch_size=64, target_fn=counting)  # fmt: skip
-    assert calls[:-1] == [3, 3 * 7]  # f(x) of the three rows, then 7 tokens x 3 rows
+    res = run(lm, prompts, "occlusion", [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]],
+              batch_size=64, target_fn=counting)  # fmt: skip
+    # Every token of every prompt removed, and the 3 prompts unperturbed: one forward.
+    assert calls == [sum(len(r.tokens) for r in res) + 3]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch):
+    """With the built-in target, occlusion re-runs a perturbed sequence only from the removed
+    token on (the earlier columns' keys and values come from the unperturbed pass)."""
+    lm = tiny_lm(arch)
+    prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
+    answers = [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]]
+    widths = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape), with_kwargs=True
+    )
+    try:
+        reused = run(lm, prompts, "occlusion", answers, batch_size=5)
+    finally:
+        hook.remove()
+    plain = run(lm, prompts, "occlusion", answers, batch_size=5, prefix_reuse=False)
+    for a, b in zip(reused, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert a.target_score == pytest.approx(b.target_score, abs=1e-6)
+        assert a.model_evals == b.model_evals == len(a.tokens) + 1
+    full = widths[0][1]  # the unperturbed pass: whole sequences
+    assert widths[0][0] == 3 and all(w[0] <= 5 for w in widths)
+    assert sum(w[0] for w in widths[1:]) == sum(len(r.tokens) for r in reused)
+    assert all(w[1] < full for w in widths[1:])  # every later pass starts after column 0
+    assert sum(w[0] * w[1] for w in widths[1:]) < 0.75 * full * sum(w[0] for w in widths[1:])
 
 
 def test_default_target_is_the_greedy_answer():

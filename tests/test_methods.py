@@ -79,6 +79,15 @@ def test_occlusion_on_an_additive_function_returns_each_term():
     torch.testing.assert_close(features(out, 5), torch.sin((x * w).sum(-1)))
 
 
+@pytest.mark.parametrize("method", [KernelShap(n_samples=16), ShapleyValueSampling(n_samples=3)])
+def test_a_single_token_gets_the_whole_gap(method):
+    """One feature: its Shapley value is f(x) - f(baseline) (Captum's KernelShap cannot sample
+    coalitions of one token; tokattr evaluates the two ends)."""
+    x = torch.randn(1, 3)
+    out = method.attribute(synthetic_problem(lambda e: (e**2).sum((-1, -2)) + 1.0, x))
+    torch.testing.assert_close(features(out, 1), (x**2).sum()[None])
+
+
 def test_saliency_and_input_x_gradient_on_a_linear_function():
     torch.manual_seed(2)
     x, w = torch.randn(4, 3), torch.randn(4, 3)

@@ -12,10 +12,19 @@ import torch
 from torch import Tensor
 
 from tokattr.batching import TokenBatch, collate, encode_example
+from tokattr.memory import sequences_per_pass
 from tokattr.methods import METHODS
-from tokattr.methods.problem import AttributionProblem, Method
+from tokattr.methods.problem import AttributionProblem, Method, chunked
 from tokattr.models import LanguageModel
-from tokattr.targets import TARGETS, TargetFunction, TargetInputs, contrast, target_inputs
+from tokattr.targets import (
+    PREFIX_TARGETS,
+    TARGETS,
+    Prefix,
+    TargetFunction,
+    TargetInputs,
+    contrast,
+    target_inputs,
+)
 
 BASELINES = ("pad", "unk", "zero")
 """How a removed token is replaced: the pad token's embedding (default), the unk token's, or
@@ -96,6 +105,7 @@ def attribute(
     target_fn: str | TargetFunction = "log_prob",
     foil: str | Sequence[str] | None = None,
     per_answer_token: bool = False,
+    memory_budget: int | None = None,
     **method_params: object,
 ) -> Attribution | list[Attribution]:
     """Attribute the model's score of an answer to each token of the prompt.
@@ -113,12 +123,18 @@ def attribute(
             prompt with that value; a list gives each prompt its own (e.g. its example id), so a
             prompt's scores do not depend on the other prompts. ``None``: global RNG.
         batch_size: the most sequences in one forward pass (IG steps, perturbations and
-            prompts are packed up to it); default 64.
+            prompts are packed up to it), and the most prompts attributed together. ``None``
+            (default): sized to ``memory_budget`` from the model's shape and the batch's
+            length (:mod:`tokattr.memory`), 64 prompts together.
         target_fn: ``"log_prob"`` (default: sum of the answer tokens' log-probabilities),
             ``"prob"``, ``"logit"`` (first answer token), ``"contrast"`` (log p(target) -
             log p(foil)), or a :data:`~tokattr.targets.TargetFunction`.
         foil: the contrasting answer(s), for ``target_fn="contrast"`` only.
         per_answer_token: attribute each answer token's score on its own (one row each).
+        memory_budget: bytes a pass may use for activations; ``None``: 60% of the free GPU
+            memory, or on a CPU a quarter of the available RAM (at most 4 GiB). Caps
+            ``batch_size`` too when both are given. On a GPU a pass that runs out of memory
+            anyway is retried at half the size.
         **method_params: the method's hyper-parameters, e.g. ``n_steps=64``.
 
     Raises:
@@ -129,9 +145,11 @@ def attribute(
     runner = build_method(method, method_params)
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    prompts_per_batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     fn, fn_name = _target_function(target_fn)
     if lm.model.training:
         raise ValueError(
@@ -173,8 +191,8 @@ def attribute(
         for p, a, f in zip(prompt_list, answers, foils, strict=True)
     ]
     results: list[Attribution] = []
-    for start in range(0, len(encoded), batch_size):
-        stop = min(start + batch_size, len(encoded))
+    for start in range(0, len(encoded), prompts_per_batch):
+        stop = min(start + prompts_per_batch, len(encoded))
         batch = collate(lm.tokenizer, encoded[start:stop]).to(lm.device)
         results += _attribute_batch(
             lm,
@@ -183,7 +201,7 @@ def attribute(
             fn,
             baseline,
             seeds[start:stop],
-            batch_size,
+            pass_sizes(lm, batch, batch_size, memory_budget),
             per_answer_token,
             meta=dict(
                 method=method,
@@ -204,7 +222,7 @@ def _attribute_batch(
     fn: TargetFunction,
     baseline: str,
     seeds: list[int | None],
-    batch_size: int,
+    sizes: tuple[int, int],
     per_answer_token: bool,
     meta: dict,
 ) -> list[Attribution]:
@@ -219,12 +237,13 @@ def _attribute_batch(
     evals = torch.zeros(n_examples, dtype=torch.long)
     millis = torch.zeros(n_examples, dtype=torch.float64)
 
-    def forward(x: Tensor, rows: TargetInputs) -> Tensor:
+    def forward(x: Tensor, rows: TargetInputs, past: Prefix | None = None) -> Tensor:
         evals.add_(passes * torch.bincount(rows.example_index.cpu(), minlength=n_examples))
-        return fn(model, x, rows)
+        return fn(model, x, rows) if past is None else fn(model, x, rows, past=past)
 
+    batch_size, grad_batch_size = sizes
     row_scores, row_delta, row_fx = [], [], []
-    for rows in torch.arange(len(row_of), device=device).split(batch_size):
+    for rows in torch.arange(len(row_of), device=device).split(max(batch_size, n_examples)):
         problem = AttributionProblem(
             forward=forward,
             embeds=embeds[row_of[rows]],
@@ -233,6 +252,8 @@ def _attribute_batch(
             inputs=inputs.select(rows),
             batch_size=batch_size,
             seeds=tuple(seeds[b] for b in row_of[rows].tolist()),
+            grad_batch_size=grad_batch_size,
+            prefix_ok=supports_prefix(lm, fn),
         )
         t0 = time.perf_counter()
         out = runner.attribute(problem)
@@ -240,8 +261,19 @@ def _attribute_batch(
         millis.index_add_(
             0, row_of[rows].cpu(), torch.full((len(rows),), elapsed, dtype=torch.float64)
         )
-        with torch.no_grad():
-            row_fx.append(fn(model, problem.embeds, problem.inputs).float().cpu())
+        if out.fx is None:  # f(x) for the report, not counted as the method's evaluations
+            at = torch.arange(problem.n_rows, device=device)
+            with torch.no_grad():
+                parts = chunked(
+                    problem.n_rows,
+                    batch_size,
+                    lambda i, j, at=at, p=problem: fn(
+                        model, p.embeds[at[i:j]], p.inputs.select(at[i:j])
+                    ),
+                )
+            row_fx.append(torch.cat(parts).float().cpu())
+        else:
+            row_fx.append(out.fx.detach().float().cpu())
         row_scores.append(out.scores.detach().float().cpu())
         row_delta.append(None if out.delta is None else out.delta.float().cpu())
     scores = torch.cat(row_scores)  # [rows, seq]
@@ -289,6 +321,31 @@ def _attribute_batch(
             )
         )
     return results
+
+
+def pass_sizes(
+    lm: LanguageModel, batch: TokenBatch, batch_size: int | None, memory_budget: int | None
+) -> tuple[int, int]:
+    """Sequences per forward pass and per forward + backward pass for this batch: ``batch_size``
+    when given (capped by ``memory_budget`` when that is given too), else sized to the budget
+    (:func:`tokattr.memory.sequences_per_pass`)."""
+    if batch_size is not None and memory_budget is None:
+        return batch_size, batch_size
+    seq = batch.input_ids.shape[1]
+    scored = seq - batch.prompt_width + 1
+    sizes = tuple(
+        sequences_per_pass(lm.model, seq, grad, memory_budget, scored) for grad in (False, True)
+    )
+    if batch_size is not None:
+        return min(sizes[0], batch_size), min(sizes[1], batch_size)
+    return sizes[0], sizes[1]
+
+
+def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
+    """Whether ``fn`` on this model can start from a key/value cache of the first columns
+    (:class:`~tokattr.targets.Prefix`): a built-in target other than ``contrast``, on a model
+    that keeps a standard key/value cache."""
+    return fn in PREFIX_TARGETS and bool(getattr(lm.model, "_supports_cache_class", True))
 
 
 def embeddings_and_baselines(

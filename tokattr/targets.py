@@ -20,12 +20,13 @@ in per-answer-token mode (then :func:`logit` is that token's logit).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache
 
 from tokattr.batching import TokenBatch
 
@@ -93,6 +94,35 @@ TargetFunction = Callable[[nn.Module, Tensor, TargetInputs], Tensor]
 """``(model, embeds [batch, seq, d_model], inputs) -> scores [batch]``."""
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """Key/value states of the first ``offset`` columns, already computed: a target called with
+    ``past=Prefix(cache, offset)`` runs the model on columns ``offset ..`` only (the earlier
+    columns of ``embeds`` must be the ones the cache was computed from). The call appends the
+    new columns' states to ``cache``, so ``Prefix(DynamicCache(), 0)`` fills an empty cache
+    with the whole sequence's states."""
+
+    cache: Cache
+    offset: int
+
+
+def prefix_cache(states: Sequence[tuple[Tensor, Tensor]], rows: Tensor, offset: int) -> Cache:
+    """A fresh cache holding the first ``offset`` columns of ``states`` (per layer, keys and
+    values ``[batch, heads, seq, head_dim]``) for the rows ``rows`` (an index tensor)."""
+    return DynamicCache(
+        ddp_cache_data=[(k[rows, :, :offset], v[rows, :, :offset]) for k, v in states]
+    )
+
+
+def cache_states(cache: Cache) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the keys and values a cache holds."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+PREFIX_TARGETS: set[Callable] = set()
+"""Target functions that take ``past=`` (:class:`Prefix`); filled below."""
+
+
 @cache
 def _takes_logits_to_keep(model_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
@@ -105,6 +135,7 @@ def answer_log_probs(
     position_ids: Tensor,
     labels: Tensor,
     score_mask: Tensor,
+    past: Prefix | None = None,
 ) -> Tensor:
     """Teacher-forced log-probabilities of the scored tokens, 0 elsewhere.
 
@@ -112,12 +143,15 @@ def answer_log_probs(
         embeds: ``[batch, seq, d_model]`` input embeddings.
         attention_mask, position_ids, labels: ``[batch, seq]``.
         score_mask: ``[batch, seq]`` bool, the tokens to score (never column 0).
+        past: the first columns' key/value states (:class:`Prefix`); ``None``: run them all.
 
     Returns:
         ``[batch, k]`` log p of the token at each of the last ``k`` columns (``k`` covers every
         scored column), 0 where ``score_mask`` is False.
     """
-    token_logp, _ = _score_columns(model, embeds, attention_mask, position_ids, labels, score_mask)
+    token_logp, _ = _score_columns(
+        model, embeds, attention_mask, position_ids, labels, score_mask, past
+    )
     return token_logp
 
 
@@ -128,6 +162,7 @@ def _score_columns(
     position_ids: Tensor,
     labels: Tensor,
     score_mask: Tensor,
+    past: Prefix | None = None,
 ) -> tuple[Tensor, Tensor]:
     seq = embeds.shape[1]
     scored_cols = score_mask.any(0).nonzero()
@@ -138,11 +173,17 @@ def _score_columns(
         raise ValueError("column 0 cannot be scored: nothing precedes it")
     keep = seq - first + 1  # logits at columns first-1 .. seq-1
     kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+    if past is None:
+        kwargs["use_cache"] = False
+    else:
+        if past.offset > first - 1:
+            raise ValueError(f"a prefix of {past.offset} columns covers a scored column")
+        embeds, position_ids = embeds[:, past.offset :], position_ids[:, past.offset :]
+        kwargs.update(past_key_values=past.cache, use_cache=True)
     out = model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        use_cache=False,
         **kwargs,
     )
     logits = out.logits[:, -keep:-1]  # [batch, k, vocab] predicting columns first .. seq-1
@@ -154,26 +195,41 @@ def _score_columns(
     return torch.where(mask, token_logp, zero), torch.where(mask, token_logits, zero)
 
 
-def log_prob(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+def log_prob(
+    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+) -> Tensor:
     """Sum over scored answer tokens of ``log p(token | prompt, earlier answer tokens)``. [batch]"""
     token_logp = answer_log_probs(
-        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, inputs.score_mask
+        model,
+        embeds,
+        inputs.attention_mask,
+        inputs.position_ids,
+        inputs.labels,
+        inputs.score_mask,
+        past,
     )
     return token_logp.sum(-1)  # [batch]
 
 
-def prob(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+def prob(
+    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+) -> Tensor:
     """Probability of the scored answer tokens, ``exp(log_prob)``. [batch]"""
-    return log_prob(model, embeds, inputs).exp()
+    return log_prob(model, embeds, inputs, past).exp()
 
 
-def logit(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+def logit(
+    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+) -> Tensor:
     """Raw logit of the first scored answer token (no softmax). [batch]"""
     first_only = inputs.score_mask & (inputs.score_mask.long().cumsum(-1) == 1)  # [batch, seq]
     _, token_logits = _score_columns(
-        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, first_only
+        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, first_only, past
     )
     return token_logits.sum(-1)  # [batch] one non-zero term per row
+
+
+PREFIX_TARGETS.update({log_prob, prob, logit})
 
 
 def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:

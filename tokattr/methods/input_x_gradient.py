@@ -16,7 +16,7 @@ class InputXGradient:
     ``x * df/dx`` for each feature token's input embedding ``x``, summed over ``d_model``
     (signed). The implicit baseline is the zero embedding, whatever baseline is chosen.
 
-    Batching: one forward and one backward pass per ``batch_size`` rows.
+    Batching: one forward and one backward pass per ``grad_batch`` rows.
     """
 
     def __init__(self) -> None:
@@ -25,7 +25,7 @@ class InputXGradient:
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         ixg = captum.attr.InputXGradient(problem.captum_forward)
         parts = []
-        for rows in problem.rows(problem.batch_size):
+        for rows in problem.rows(problem.grad_batch):
             attr = ixg.attribute(
                 problem.embeds[rows].detach().requires_grad_(),
                 additional_forward_args=problem.inputs.select(rows).as_tuple(),

@@ -1,11 +1,12 @@
-"""Integrated Gradients in embedding space (Captum's ``IntegratedGradients``)."""
+"""Integrated Gradients in embedding space, every (row, step) pair batched together."""
 
 from __future__ import annotations
 
-import captum.attr
 import torch
+from captum.attr._utils.approximation_methods import approximation_parameters
+from torch import Tensor
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, MethodOutput, chunked
 
 _RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
@@ -15,12 +16,18 @@ class IntegratedGradients:
     Networks", ICML 2017.
 
     The path runs from the baseline embeddings to the input embeddings of the prompt's feature
-    tokens (BOS, padding and the answer stay fixed); ``(x - x') * mean gradient`` is summed over
-    ``d_model``, so scores are signed and add up to ``f(x) - f(baseline)`` (completeness). The
-    baseline is the one chosen in :func:`tokattr.attribute` (pad embedding by default).
+    tokens (BOS, padding and the answer stay fixed); ``(x - x') * sum_k w_k grad f(x' + a_k (x -
+    x'))`` is summed over ``d_model``, so scores are signed and add up to ``f(x) - f(baseline)``
+    (completeness) as the steps grow. The nodes ``a_k`` and weights ``w_k`` are Captum's for the
+    rule (Gauss–Legendre by default), so the scores equal Captum's ``IntegratedGradients`` on
+    the embeddings (checked in the tests). The baseline is the one chosen in
+    :func:`tokattr.attribute` (pad embedding by default).
 
-    Batching: the ``n_steps`` points of the path go through the model ``batch_size`` sequences
-    per forward (Captum's ``internal_batch_size``), the rows of a batch together. The
+    Batching: the ``n_rows x n_steps`` points of every row's path are flattened and go through
+    the model ``grad_batch`` sequences per forward + backward pass (rows and steps mixed, so a
+    batch of short prompts fills the passes); only one chunk's activations are alive at a time,
+    which bounds memory on long prompts, and a chunk that runs out of accelerator memory is
+    retried at half the size. ``f(x)`` and ``f(baseline)`` take one more forward per row; the
     convergence delta ``sum(scores) - (f(x) - f(baseline))`` is kept per row.
 
     Args:
@@ -40,17 +47,45 @@ class IntegratedGradients:
         self.n_steps = n_steps
         self.rule = rule
 
+    def nodes(self) -> tuple[Tensor, Tensor]:
+        """The quadrature nodes on ``[0, 1]`` and their weights (Captum's), float64 ``[n_steps]``
+        each."""
+        weights, alphas = approximation_parameters(self.rule)
+        return (
+            torch.tensor(alphas(self.n_steps), dtype=torch.float64),
+            torch.tensor(weights(self.n_steps), dtype=torch.float64),
+        )
+
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
-        ig = captum.attr.IntegratedGradients(problem.captum_forward)
-        attr, delta = ig.attribute(
-            problem.embeds,
-            baselines=problem.baselines,
-            additional_forward_args=problem.inputs.as_tuple(),
-            n_steps=self.n_steps,
-            method=self.rule,
-            internal_batch_size=max(problem.batch_size, problem.n_rows),
-            return_convergence_delta=True,
-        )  # [batch, seq, d_model], [batch]
-        scores = attr.float().sum(-1)  # [batch, seq]
+        device, dtype = problem.embeds.device, problem.embeds.dtype
+        alphas, weights = (t.to(device) for t in self.nodes())
+        n_rows, n_steps = problem.n_rows, self.n_steps
+        diff = problem.embeds - problem.baselines  # [batch, seq, d_model], 0 off the features
+        # Flattened (row, step) points, row-major: a chunk holds whole paths where it can.
+        rows = torch.arange(n_rows, device=device).repeat_interleave(n_steps)  # [rows * steps]
+        step = torch.arange(n_steps, device=device).repeat(n_rows)  # [rows * steps]
+        total = torch.zeros(diff.shape, dtype=torch.float32, device=device)  # sum_k w_k grad_k
+
+        def run(i: int, j: int) -> None:
+            r, a = rows[i:j], alphas[step[i:j]]
+            with torch.enable_grad():
+                x = problem.baselines[r] + a.to(dtype)[:, None, None] * diff[r]
+                x = x.detach().requires_grad_()
+                (grad,) = torch.autograd.grad(problem.forward(x, problem.inputs.select(r)).sum(), x)
+            w = weights[step[i:j]].float()[:, None, None]
+            total.index_add_(0, r, grad.float() * w)
+
+        chunked(n_rows * n_steps, problem.grad_batch, run)
+        scores = (total * diff.float()).sum(-1)  # [batch, seq]
         scores = torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
-        return MethodOutput(scores=scores, delta=delta.detach().float())
+        # f(x) and f(baseline): 2 forwards per row, for the convergence delta.
+        ends = problem.evaluate(
+            torch.arange(n_rows, device=device).repeat(2),
+            torch.arange(2, device=device)
+            .repeat_interleave(n_rows)[:, None]
+            .bool()
+            .expand(-1, int(problem.n_features.max())),
+        )  # [2 * batch]: baselines first, then inputs
+        f_base, fx = ends[:n_rows], ends[n_rows:]
+        delta = scores.double().sum(-1) - (fx.double() - f_base.double())
+        return MethodOutput(scores=scores, delta=delta.float(), fx=fx.float())

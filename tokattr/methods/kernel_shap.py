@@ -1,11 +1,11 @@
-"""Kernel SHAP over tokens (Captum's ``KernelShap``, with an exact least-squares solver)."""
+"""Kernel SHAP over tokens (Captum's sampling, batched over rows, exact least squares)."""
 
 from __future__ import annotations
 
-import captum.attr
 import torch
 from captum._utils.models.model import Model
 from torch import Tensor
+from torch.distributions.categorical import Categorical
 from torch.utils.data import DataLoader
 
 from tokattr.methods.problem import AttributionProblem, MethodOutput, seeded
@@ -16,7 +16,9 @@ class WeightedLeastSquares(Model):
 
     Captum's ``KernelShap`` fits scikit-learn's ``LinearRegression`` (``fit_intercept=True``,
     with sample weights); scikit-learn is not a tokattr dependency, so this solves the same
-    problem with ``torch.linalg.lstsq``: minimise ``sum_i w_i (y_i - b - x_i . beta)^2``.
+    problem with :func:`weighted_least_squares`: minimise ``sum_i w_i (y_i - b - x_i .
+    beta)^2``. (:class:`KernelShap` calls that function directly; this adapter lets Captum's
+    own ``KernelShap`` use the same solver, as the tests do.)
     """
 
     def __init__(self) -> None:
@@ -29,15 +31,14 @@ class WeightedLeastSquares(Model):
             xs.append(x)
             ys.append(y)
             ws.append(w)
-        x = torch.cat(xs).double().cpu()  # [n_samples, n_features]
-        y = torch.cat(ys).double().cpu().reshape(-1)  # [n_samples]
-        w = torch.cat(ws).double().cpu().reshape(-1)  # [n_samples]
-        design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        root = w.sqrt()[:, None]
-        solution = torch.linalg.lstsq(design * root, y[:, None] * root, driver="gelsd").solution
+        coef = weighted_least_squares(torch.cat(xs), torch.cat(ys).reshape(-1), torch.cat(ws))
+        x, y, w = torch.cat(xs), torch.cat(ys).reshape(-1).double(), torch.cat(ws).double().cpu()
+        # The intercept of the same fit: the weighted mean residual.
+        resid = y.cpu() - x.double().cpu() @ coef
+        bias = (w.reshape(-1) * resid).sum() / w.sum()
         # Back where Captum's tensors live (the token masks' device).
-        self.weight = solution[:-1, 0][None].float().to(xs[0].device)
-        self.bias = solution[-1].float().to(xs[0].device)
+        self.weight = coef[None].float().to(xs[0].device)
+        self.bias = bias.float().to(xs[0].device)
         return {}
 
     def representation(self) -> Tensor:
@@ -49,6 +50,50 @@ class WeightedLeastSquares(Model):
         return x.float() @ self.weight.T + self.bias
 
 
+def shapley_kernel_samples(n: int, n_samples: int) -> tuple[Tensor, Tensor]:
+    """Coalitions of ``n`` tokens drawn as Captum's ``KernelShap`` draws them, and their weights.
+
+    The first two are all and none (weight 10^6, which pins the fit to both ends); each other
+    draws its size ``k`` from ``p(k) ~ (n - 1) / (k (n - k))`` and then ``k`` tokens uniformly
+    (the ``k`` largest of ``n`` standard normals), weight 1. Same draws from the same RNG state
+    as Captum (``Categorical.sample`` then ``torch.randn(1, n)`` per coalition). With one token
+    there is nothing to sample: the two ends only.
+
+    Returns:
+        ``[n_samples, n]`` bool keep-masks and ``[n_samples]`` float64 weights.
+    """
+    masks = [torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)]
+    if n > 1:
+        sizes = torch.arange(n, dtype=torch.float)
+        probs = torch.tensor(n - 1) / (sizes * (n - sizes))
+        probs[0] = 0.0
+        size_dist = Categorical(probs)
+        for _ in range(n_samples - 2):
+            k = size_dist.sample()
+            rand = torch.randn(1, n)
+            threshold = torch.kthvalue(rand, n - k).values.item()
+            masks.append(rand > threshold)
+    keep = torch.cat(masks)[: max(n_samples, 2) if n == 1 else n_samples]
+    size = keep.sum(-1)
+    weights = torch.where((size == 0) | (size == n), 1e6, 1.0).double()
+    return keep, weights
+
+
+def weighted_least_squares(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """Coefficients (no intercept) of ``min sum_i w_i (y_i - b - x_i . beta)^2``, float64.
+
+    Args:
+        x: ``[n_samples, n_features]``; y, w: ``[n_samples]``.
+
+    Returns:
+        ``[n_features]`` float64.
+    """
+    x, y, w = x.double().cpu(), y.double().cpu(), w.double().cpu()
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    root = w.sqrt()[:, None]
+    return torch.linalg.lstsq(design * root, y[:, None] * root, driver="gelsd").solution[:-1, 0]
+
+
 class KernelShap:
     """Kernel SHAP: Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions",
     NeurIPS 2017.
@@ -56,11 +101,13 @@ class KernelShap:
     Samples coalitions of prompt tokens (a removed token takes the baseline embedding, keeping
     its position) with the Shapley kernel and fits a weighted linear model to the target; the
     coefficients are the scores (whole-token, signed; nothing to reduce over ``d_model``).
-    Sampling is Captum's (``KernelShap`` on a 0/1 token mask), so a seed gives the same
-    coalitions as Captum; the regression is an exact float64 weighted least squares.
+    Sampling is Captum's (:func:`shapley_kernel_samples`, the draws of ``KernelShap`` on a 0/1
+    token mask), so a seed gives the same coalitions and scores as Captum (checked in the
+    tests); the regression is an exact float64 weighted least squares.
 
-    Batching: per row (each row has its own regression), ``batch_size`` coalitions per forward.
-    Each row draws from its own seed.
+    Batching: the coalitions of every row of the batch are evaluated together, ``batch_size``
+    sequences per forward (Captum's ``KernelShap`` runs one row at a time); each row draws from
+    its own seed and gets its own regression.
 
     Args:
         n_samples: coalitions sampled per row (the first two are all and none), >= 1.
@@ -73,16 +120,21 @@ class KernelShap:
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         n_features = problem.n_features.tolist()
-        values = torch.zeros(problem.n_rows, max(n_features))  # [batch, n_max]
+        n_max = max(n_features)
+        rows, keeps, weights = [], [], []
         for b, n in enumerate(n_features):
-            shap = captum.attr.KernelShap(problem.mask_forward(b))
-            shap.interpretable_model = WeightedLeastSquares()
             with seeded(problem.seeds[b]):
-                attr = shap.attribute(
-                    torch.ones(1, n, device=problem.embeds.device),
-                    baselines=0.0,
-                    n_samples=self.n_samples,
-                    perturbations_per_eval=problem.batch_size,
-                )  # [1, n]
-            values[b, :n] = attr[0].float().cpu()
-        return MethodOutput(problem.scatter(values.to(problem.embeds.device)))
+                keep, w = shapley_kernel_samples(n, self.n_samples)
+            pad = torch.ones(keep.shape[0], n_max - n, dtype=torch.bool)
+            keeps.append(torch.cat([keep, pad], dim=1))  # [samples, n_max]
+            weights.append(w)
+            rows.append(torch.full((keep.shape[0],), b, dtype=torch.long))
+        values = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()
+        phi = torch.zeros(problem.n_rows, n_max, dtype=torch.float64)  # [batch, n_max]
+        start = 0
+        for b, n in enumerate(n_features):
+            count = keeps[b].shape[0]
+            x = keeps[b][:, :n]
+            phi[b, :n] = weighted_least_squares(x, values[start : start + count], weights[b])
+            start += count
+        return MethodOutput(problem.scatter(phi.to(problem.embeds.device)))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import captum.attr
 import torch
+from torch import Tensor
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, MethodOutput, chunked
+from tokattr.targets import Prefix, prefix_cache
 
 
 class Occlusion:
@@ -18,22 +20,30 @@ class Occlusion:
     and a token's score is the mean drop over the windows that cover it (Captum's
     ``Occlusion``). Scores are whole-token: nothing to reduce over ``d_model``.
 
-    Batching: single tokens go through Captum's ``FeatureAblation`` on the embeddings, every
-    row of the batch at once and ``batch_size // rows`` tokens per forward; windows go through
-    Captum's ``Occlusion`` per row on a 0/1 token mask, ``batch_size`` windows per forward.
+    Batching: single tokens: every perturbation of every row of the batch (plus each row
+    unperturbed, ``n + 1`` sequences per row) goes through the model ``batch_size`` sequences
+    per forward. With ``prefix_reuse`` (default; built-in targets on models with a key/value
+    cache), the unperturbed pass keeps its key/value states and each perturbed sequence is
+    re-run only from the removed token on, so a prompt costs about half of ``n + 1`` full
+    passes; the scores are the same (to float rounding). Windows go through Captum's
+    ``Occlusion`` per row on a 0/1 token mask, ``batch_size`` windows per forward.
 
     Args:
         window: tokens removed together, >= 1.
         stride: step between windows, 1 <= stride <= window (so every token is covered).
+        prefix_reuse: reuse the unperturbed prefix's key/value states (single tokens only).
     """
 
-    def __init__(self, window: int = 1, stride: int = 1) -> None:
+    def __init__(self, window: int = 1, stride: int = 1, prefix_reuse: bool = True) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"occlusion: window must be an integer >= 1, got {window!r}")
         if not isinstance(stride, int) or not 1 <= stride <= window:
             raise ValueError(f"occlusion: stride must be an integer in [1, window], got {stride!r}")
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(f"occlusion: prefix_reuse must be True or False, got {prefix_reuse!r}")
         self.window = window
         self.stride = stride
+        self.prefix_reuse = prefix_reuse
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         if self.window == 1:
@@ -41,20 +51,48 @@ class Occlusion:
         return self._windows(problem)
 
     def _single_tokens(self, problem: AttributionProblem) -> MethodOutput:
-        # Feature k of every row is ablated in the same forward; non-feature columns join
-        # group 0, where the baseline equals the input, so ablating them changes nothing.
-        rank = problem.feature_mask.long().cumsum(-1) - 1  # [batch, seq]
-        groups = torch.where(problem.feature_mask, rank, torch.zeros_like(rank))
-        ablation = captum.attr.FeatureAblation(problem.captum_forward)
-        attr = ablation.attribute(
-            problem.embeds,
-            baselines=problem.baselines,
-            additional_forward_args=problem.inputs.as_tuple(),
-            feature_mask=groups[..., None],  # [batch, seq, 1]
-            perturbations_per_eval=max(1, problem.batch_size // problem.n_rows),
-        )  # [batch, seq, d_model], constant over d_model
-        scores = attr[..., 0].float()  # [batch, seq]
-        return MethodOutput(torch.where(problem.feature_mask, scores, torch.zeros_like(scores)))
+        device = problem.embeds.device
+        n_max = int(problem.n_features.max())
+        slots = torch.arange(n_max, device=device)[None]  # [1, n_max]
+        rows, slot = (slots < problem.n_features[:, None]).nonzero(as_tuple=True)  # [P] each
+        if self.prefix_reuse and problem.prefix_ok:
+            fx, removed = self._with_prefix(problem, rows, problem.feature_columns()[rows, slot])
+        else:
+            # One pass over every perturbation of every row, plus each row unperturbed.
+            keep = torch.ones(len(rows) + problem.n_rows, n_max, dtype=torch.bool, device=device)
+            keep[torch.arange(len(rows), device=device), slot] = False
+            every = torch.arange(problem.n_rows, device=device)
+            f = problem.evaluate(torch.cat([rows, every]), keep)
+            removed, fx = f[: len(rows)], f[len(rows) :]
+        values = torch.zeros(problem.n_rows, n_max, dtype=torch.float64, device=device)
+        values[rows, slot] = fx[rows].double() - removed.double()
+        return MethodOutput(problem.scatter(values), fx=fx)
+
+    @staticmethod
+    def _with_prefix(
+        problem: AttributionProblem, rows: Tensor, columns: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``f(x)`` per row and ``f(x without column c)`` per perturbation, re-running each
+        perturbed sequence only from its first changed column: the earlier columns' key/value
+        states come from the unperturbed pass. Perturbations go in column order, so a pass's
+        shared prefix is as long as its leftmost column allows."""
+        fx, states = problem.states()
+        order = torch.argsort(columns, stable=True)
+        rows_s, cols_s = rows[order], columns[order]
+
+        def run(i: int, j: int) -> Tensor:
+            r, c = rows_s[i:j], cols_s[i:j]
+            offset = int(c.min())
+            x = problem.embeds[r].clone()  # [chunk, seq, d_model]
+            at = torch.arange(len(r), device=x.device)
+            x[at, c] = problem.baselines[r, c]
+            past = Prefix(prefix_cache(states, r, offset), offset)
+            with torch.no_grad():
+                return problem.forward(x, problem.inputs.select(r), past=past)
+
+        removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
+        removed[order] = torch.cat(chunked(len(rows), problem.batch_size, run))
+        return fx, removed
 
     def _windows(self, problem: AttributionProblem) -> MethodOutput:
         n_features = problem.n_features.tolist()

@@ -11,17 +11,24 @@ as they are whatever a method perturbs.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
-from tokattr.targets import TargetInputs
+from tokattr.targets import Prefix, TargetInputs, cache_states
 
-Forward = Callable[[Tensor, TargetInputs], Tensor]
-"""``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``."""
+T = TypeVar("T")
+
+Forward = Callable[..., Tensor]
+"""``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``; where the problem
+has ``prefix_ok``, also ``(embeds, inputs, past=Prefix(cache, offset))``: the columns before
+``offset`` are read from the key/value cache (:class:`tokattr.targets.Prefix`) and not
+recomputed."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,11 @@ class AttributionProblem:
     """A batch of rows to attribute.
 
     ``batch_size`` is the most sequences a method may put through the model in one forward
-    pass. ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
-    row's scores do not depend on which other rows share its batch.
+    pass (``grad_batch_size``, when given, the most in one forward + backward pass).
+    ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
+    row's scores do not depend on which other rows share its batch. ``prefix_ok``: ``forward``
+    takes ``past=`` (a key/value cache of the unchanged leading columns), so perturbation
+    methods may skip recomputing them.
     """
 
     forward: Forward
@@ -40,6 +50,13 @@ class AttributionProblem:
     inputs: TargetInputs  # [batch, ...]
     batch_size: int
     seeds: tuple[int | None, ...]
+    grad_batch_size: int | None = None
+    prefix_ok: bool = False
+
+    @property
+    def grad_batch(self) -> int:
+        """The most sequences in one forward + backward pass."""
+        return self.grad_batch_size or self.batch_size
 
     @property
     def n_rows(self) -> int:
@@ -61,6 +78,8 @@ class AttributionProblem:
             inputs=self.inputs.select(rows),
             batch_size=self.batch_size,
             seeds=tuple(self.seeds[int(r)] for r in rows),
+            grad_batch_size=self.grad_batch_size,
+            prefix_ok=self.prefix_ok,
         )
 
     def captum_forward(self, embeds: Tensor, *inputs: Tensor | None) -> Tensor:
@@ -109,16 +128,17 @@ class AttributionProblem:
         width = keep.shape[1]
         columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
-        out = []
-        for i in range(0, rows.shape[0], self.batch_size):
-            r = rows[i : i + self.batch_size]  # [chunk]
+
+        def run(i: int, j: int) -> Tensor:
+            r = rows[i:j]  # [chunk]
             # Slots past a row's features point at a non-feature column: always "keep" there.
-            k = keep[i : i + self.batch_size] | (slots >= self.n_features[r, None])  # [chunk, k]
+            k = keep[i:j] | (slots >= self.n_features[r, None])  # [chunk, k]
             col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
             x = torch.where(col_keep[..., None], self.embeds[r], self.baselines[r])
-            out.append(self.forward(x, self.inputs.select(r)))
-        return torch.cat(out)  # [n]
+            return self.forward(x, self.inputs.select(r))
+
+        return torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n]
 
     @torch.no_grad()
     def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
@@ -140,10 +160,10 @@ class AttributionProblem:
         width = alpha.shape[1]
         columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
-        out = []
-        for i in range(0, rows.shape[0], self.batch_size):
-            r = rows[i : i + self.batch_size]  # [chunk]
-            a = alpha[i : i + self.batch_size]  # [chunk, k]
+
+        def run(i: int, j: int) -> Tensor:
+            r = rows[i:j]  # [chunk]
+            a = alpha[i:j]  # [chunk, k]
             a = torch.where(slots < self.n_features[r, None], a, torch.ones_like(a))
             col_alpha = torch.ones(r.shape[0], self.embeds.shape[1], dtype=a.dtype, device=device)
             col_alpha.scatter_(1, columns[r], a)  # [chunk, seq]
@@ -151,8 +171,32 @@ class AttributionProblem:
             x = base + col_alpha[..., None] * (self.embeds[r] - base)
             # Off the features the baseline equals the input, so x is the input there exactly.
             x = torch.where(self.feature_mask[r, :, None], x, self.embeds[r])
-            out.append(self.forward(x, self.inputs.select(r)))
-        return torch.cat(out)  # [n]
+            return self.forward(x, self.inputs.select(r))
+
+        return torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n]
+
+    @torch.no_grad()
+    def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The target on the unperturbed rows and, per layer, their key/value states (for
+        :class:`~tokattr.targets.Prefix`); needs ``prefix_ok``. ``[batch]``, per layer
+        ``([batch, heads, seq, head_dim], ...)``."""
+        if not self.prefix_ok:
+            raise ValueError("this problem's target function does not take a key/value prefix")
+        rows = torch.arange(self.n_rows, device=self.embeds.device)
+
+        def run(i: int, j: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+            cache = DynamicCache()
+            r = rows[i:j]
+            fx = self.forward(self.embeds[r], self.inputs.select(r), past=Prefix(cache, 0))
+            return fx, cache_states(cache)
+
+        parts = chunked(self.n_rows, self.batch_size, run)
+        fx = torch.cat([p[0] for p in parts])
+        layers = [
+            (torch.cat([p[1][i][0] for p in parts]), torch.cat([p[1][i][1] for p in parts]))
+            for i in range(len(parts[0][1]))
+        ]
+        return fx, layers
 
     def mask_forward(self, row: int) -> Callable[[Tensor], Tensor]:
         """``keep [n, n_features(row)] (0/1 floats) -> f [n]`` for one row: the function that
@@ -176,12 +220,42 @@ class MethodOutput:
 
     scores: Tensor  # [batch, seq] float32
     delta: Tensor | None = None  # [batch] IG convergence delta, where the method has one
+    fx: Tensor | None = None  # [batch] the target on the unperturbed rows, where computed
 
 
 class Method(Protocol):
     """An attribution method: hyper-parameters in ``__init__``, one verb."""
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput: ...
+
+
+def chunked(n: int, size: int, run: Callable[[int, int], T]) -> list[T]:
+    """``[run(0, size), run(size, 2 size), ...]`` over ``n`` items; a chunk that runs out of
+    accelerator memory is retried at half the size (down to one item) instead of failing, and
+    the smaller size is kept for the chunks after it."""
+    out: list[T] = []
+    i, warned = 0, False
+    while i < n:
+        j = min(i + size, n)
+        try:
+            out.append(run(i, j))
+        except torch.OutOfMemoryError:
+            if j - i == 1:
+                raise
+            size = max(1, (j - i) // 2)
+            if not warned:
+                warnings.warn(
+                    f"out of memory with {j - i} sequences per pass; retrying with {size} "
+                    "(and halving again where needed)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                warned = True
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i = j
+    return out
 
 
 @contextlib.contextmanager

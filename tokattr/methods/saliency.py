@@ -15,7 +15,7 @@ class Saliency:
     The gradient of the target with respect to each feature token's input embedding, reduced
     over ``d_model`` by its L2 norm, so scores are >= 0. No baseline is used.
 
-    Batching: one forward and one backward pass per ``batch_size`` rows.
+    Batching: one forward and one backward pass per ``grad_batch`` rows.
     """
 
     def __init__(self) -> None:
@@ -24,7 +24,7 @@ class Saliency:
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         saliency = captum.attr.Saliency(problem.captum_forward)
         parts = []
-        for rows in problem.rows(problem.batch_size):
+        for rows in problem.rows(problem.grad_batch):
             grads = saliency.attribute(
                 problem.embeds[rows].detach().requires_grad_(),
                 additional_forward_args=problem.inputs.select(rows).as_tuple(),

@@ -1,0 +1,110 @@
+"""Passes sized to a memory budget, and backing off when a pass runs out of memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import tiny_lm
+
+from tokattr.attribution import attribute
+from tokattr.batching import collate, encode_example
+from tokattr.memory import (
+    CPU_TOKENS_PER_PASS,
+    ModelShape,
+    bytes_per_sequence,
+    sequences_per_pass,
+)
+from tokattr.methods.problem import chunked
+from tokattr.targets import log_prob
+
+PROMPTS = ["12+3=", "$16,000/-0.8=", "7x5="]
+ANSWERS = ["15", "-20000", "35"]
+
+
+def test_sequences_per_pass_fits_the_budget():
+    lm = tiny_lm("llama")
+    shape = ModelShape.of(lm.model)
+    assert (shape.hidden, shape.layers, shape.intermediate, shape.heads) == (32, 2, 64, 4)
+    per_grad = bytes_per_sequence(shape, 20, grad=True)
+    per_fwd = bytes_per_sequence(shape, 20, grad=False)
+    assert per_grad > per_fwd > 0
+    assert bytes_per_sequence(shape, 40, grad=True) > 2 * per_grad  # attention grows as seq^2
+    for budget in (per_grad, 5 * per_grad + 1, 37 * per_grad):
+        n = sequences_per_pass(lm.model, 20, True, budget)
+        assert n == min(budget // per_grad, CPU_TOKENS_PER_PASS // 20)
+    assert sequences_per_pass(lm.model, 20, True, 10) == 1  # never below one sequence
+    with pytest.raises(ValueError, match="memory_budget must be a positive"):
+        sequences_per_pass(lm.model, 20, True, 0)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "saliency"])
+def test_a_small_budget_means_smaller_passes_and_the_same_scores(method):
+    lm = tiny_lm("llama")
+    widths = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(
+            (kwargs["inputs_embeds"].shape[0], torch.is_grad_enabled())
+        ),
+        with_kwargs=True,
+    )
+    budget = 3 * bytes_per_sequence(ModelShape.of(lm.model), 20, grad=True)
+    try:
+        small = attribute(lm, PROMPTS, method, target=ANSWERS, memory_budget=budget)
+    finally:
+        hook.remove()
+    encoded = [
+        encode_example(lm.tokenizer, p, a, None, lm.max_length)
+        for p, a in zip(PROMPTS, ANSWERS, strict=True)
+    ]
+    seq = collate(lm.tokenizer, encoded).input_ids.shape[1]
+    scored = seq - collate(lm.tokenizer, encoded).prompt_width + 1
+    no_grad_most = sequences_per_pass(lm.model, seq, False, budget, scored)
+    assert 3 < no_grad_most < 100
+    grad_passes = [n for n, grad in widths if grad]
+    assert all(n <= 3 for n in grad_passes)
+    assert (len(grad_passes) > 0) == (method != "occlusion")
+    assert max(n for n, grad in widths if not grad) <= no_grad_most
+    big = attribute(lm, PROMPTS, method, target=ANSWERS, batch_size=512)
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        attribute(lm, PROMPTS[0], method, target=ANSWERS[0], memory_budget=-1)
+
+
+def test_chunked_halves_a_pass_that_runs_out_of_memory_and_keeps_the_smaller_size():
+    sizes = []
+
+    def run(i, j):
+        sizes.append(j - i)
+        if j - i > 3:
+            raise torch.OutOfMemoryError("fake: too many sequences")
+        return list(range(i, j))
+
+    with pytest.warns(RuntimeWarning, match="out of memory with 16 sequences per pass"):
+        out = chunked(40, 16, run)
+    assert [x for part in out for x in part] == list(range(40))
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) == 2  # halved until it fits, then kept
+
+    def never(i, j):
+        raise torch.OutOfMemoryError("fake")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
+        chunked(4, 4, never)  # one sequence that does not fit is an error
+
+
+def test_attribution_survives_out_of_memory_passes():
+    """A target that runs out of memory above 4 sequences per pass: the scores still come,
+    equal to a run at 4 sequences per pass."""
+    lm = tiny_lm("llama")
+
+    def fragile(model, embeds, inputs):
+        if embeds.shape[0] > 4:
+            raise torch.OutOfMemoryError("fake")
+        return log_prob(model, embeds, inputs)
+
+    kw = dict(target=ANSWERS, n_steps=8)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        got = attribute(lm, PROMPTS, "integrated_gradients", batch_size=32, target_fn=fragile, **kw)
+    want = attribute(lm, PROMPTS, "integrated_gradients", batch_size=4, **kw)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=1e-5)
