@@ -77,9 +77,11 @@ def test_forwards_are_batched(method):
     prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
     res = run(lm, prompts, method, targets, seed=0, batch_size=8, target_fn=counting)
     counted = [c for c in calls]
-    # IG and occlusion compute f(x) themselves; for the others one last forward per batch
+    # IG, occlusion and the gradient methods compute f(x) themselves; for the others one last
+    # forward per batch
     # computes it for the report, outside the method.
-    method_calls = counted if method in ("integrated_gradients", "occlusion") else counted[:-1]
+    computes_fx = ("integrated_gradients", "occlusion", "saliency", "input_x_gradient")
+    method_calls = counted if method in computes_fx else counted[:-1]
     assert max(counted) <= 8
     assert sum(method_calls) == sum(r.model_evals for r in res)
     if method != "random":

@@ -288,6 +288,16 @@ def test_gradient_methods_equal_autograd(arch):
     ixg = attribute(lm, PROMPT, "input_x_gradient", target=ANSWER)
     torch.testing.assert_close(sal.scores, grad[0, cols].norm(dim=-1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ixg.scores, (grad * x)[0, cols].sum(-1), rtol=1e-4, atol=1e-6)
+    captum_sal = (
+        captum.attr.Saliency(f)
+        .attribute(x.clone().requires_grad_(), abs=True)[0, cols]
+        .norm(dim=-1)
+    )
+    captum_ixg = (
+        captum.attr.InputXGradient(f).attribute(x.clone().requires_grad_())[0, cols].sum(-1)
+    )
+    torch.testing.assert_close(sal.scores, captum_sal, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ixg.scores, captum_ixg, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -175,6 +175,22 @@ class AttributionProblem:
 
         return torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n]
 
+    def gradients(self) -> tuple[Tensor, Tensor]:
+        """The target on the unperturbed rows and its gradient with respect to their input
+        embeddings, ``grad_batch`` rows per forward + backward pass. ``[batch]``,
+        ``[batch, seq, d_model]``."""
+        rows = torch.arange(self.n_rows, device=self.embeds.device)
+
+        def run(i: int, j: int) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                x = self.embeds[rows[i:j]].detach().requires_grad_()
+                f = self.forward(x, self.inputs.select(rows[i:j]))
+                (grad,) = torch.autograd.grad(f.sum(), x)
+            return f.detach(), grad
+
+        parts = chunked(self.n_rows, self.grad_batch, run)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     @torch.no_grad()
     def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The target on the unperturbed rows and, per layer, their key/value states (for
