@@ -355,3 +355,25 @@ def test_core_modules_import_no_lightning_or_wandb():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "integrated_gradients", "saliency"])
+def test_passes_over_short_prompts_skip_the_padding(method):
+    """Perturbations are grouped by prompt length and a pass starts at its first non-padding
+    column, so a short prompt batched with a long one is not run at the long one's width."""
+    lm = tiny_lm("llama")
+    long_prompt = "9 + 3 = 12;7 x 5 = 35;$16,000/-0.8="
+    widths = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        size = 1 if method == "saliency" else 4  # saliency: one pass per row
+        both = run(
+            lm, [SHORT, long_prompt], method, [SHORT_ANSWER, "-20000"], batch_size=size, seed=0
+        )
+    finally:
+        hook.remove()
+    alone = run(lm, SHORT, method, SHORT_ANSWER, batch_size=4, seed=0)
+    torch.testing.assert_close(both[0].scores, alone.scores, atol=1e-5, rtol=1e-5)
+    assert min(widths) < max(widths) - 10  # the short prompt's passes are narrower

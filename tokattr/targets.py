@@ -54,9 +54,17 @@ class TargetInputs:
         along the batch dimension for steps and perturbations)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
-    def select(self, rows: Tensor) -> TargetInputs:
-        """The rows ``rows`` (an index tensor ``[n]``), in that order."""
-        return TargetInputs(*(None if t is None else t[rows] for t in self.as_tuple()))
+    def select(self, rows: Tensor, start: int = 0) -> TargetInputs:
+        """The rows ``rows`` (an index tensor ``[n]``), in that order, from column ``start`` on
+        (columns before it must be left padding in all of them)."""
+        if start == 0:
+            return TargetInputs(*(None if t is None else t[rows] for t in self.as_tuple()))
+        return TargetInputs(
+            *(
+                None if t is None else t[rows] if t.dim() == 1 else t[rows, start:]
+                for t in self.as_tuple()
+            )
+        )
 
 
 def target_inputs(batch: TokenBatch, per_answer_token: bool = False) -> TargetInputs:
@@ -106,11 +114,13 @@ class Prefix:
     offset: int
 
 
-def prefix_cache(states: Sequence[tuple[Tensor, Tensor]], rows: Tensor, offset: int) -> Cache:
-    """A fresh cache holding the first ``offset`` columns of ``states`` (per layer, keys and
+def prefix_cache(
+    states: Sequence[tuple[Tensor, Tensor]], rows: Tensor, offset: int, start: int = 0
+) -> Cache:
+    """A fresh cache holding columns ``start .. offset - 1`` of ``states`` (per layer, keys and
     values ``[batch, heads, seq, head_dim]``) for the rows ``rows`` (an index tensor)."""
     return DynamicCache(
-        ddp_cache_data=[(k[rows, :, :offset], v[rows, :, :offset]) for k, v in states]
+        ddp_cache_data=[(k[rows, :, start:offset], v[rows, :, start:offset]) for k, v in states]
     )
 
 

@@ -61,19 +61,23 @@ class IntegratedGradients:
         alphas, weights = (t.to(device) for t in self.nodes())
         n_rows, n_steps = problem.n_rows, self.n_steps
         diff = problem.embeds - problem.baselines  # [batch, seq, d_model], 0 off the features
-        # Flattened (row, step) points, row-major: a chunk holds whole paths where it can.
-        rows = torch.arange(n_rows, device=device).repeat_interleave(n_steps)  # [rows * steps]
+        # Flattened (row, step) points, rows of like length together and each row's steps in
+        # a run: a chunk holds whole paths where it can, and little padding.
+        by_length = problem.by_length(torch.arange(n_rows, device=device))
+        rows = by_length.repeat_interleave(n_steps)  # [rows * steps]
         step = torch.arange(n_steps, device=device).repeat(n_rows)  # [rows * steps]
         total = torch.zeros(diff.shape, dtype=torch.float32, device=device)  # sum_k w_k grad_k
 
         def run(i: int, j: int) -> None:
             r, a = rows[i:j], alphas[step[i:j]]
+            cut = problem.trim(r)  # the columns before it are padding in every row of the chunk
             with torch.enable_grad():
-                x = problem.baselines[r] + a.to(dtype)[:, None, None] * diff[r]
+                x = problem.baselines[r, cut:] + a.to(dtype)[:, None, None] * diff[r, cut:]
                 x = x.detach().requires_grad_()
-                (grad,) = torch.autograd.grad(problem.forward(x, problem.inputs.select(r)).sum(), x)
+                f = problem.forward(x, problem.inputs.select(r, cut))
+                (grad,) = torch.autograd.grad(f.sum(), x)
             w = weights[step[i:j]].float()[:, None, None]
-            total.index_add_(0, r, grad.float() * w)
+            total[:, cut:].index_add_(0, r, grad.float() * w)
 
         chunked(n_rows * n_steps, problem.grad_batch, run)
         scores = (total * diff.float()).sum(-1)  # [batch, seq]

@@ -82,13 +82,13 @@ class Occlusion:
 
         def run(i: int, j: int) -> Tensor:
             r, c = rows_s[i:j], cols_s[i:j]
-            offset = int(c.min())
+            offset, cut = int(c.min()), problem.trim(r)  # cut <= offset: padding ends first
             x = problem.embeds[r].clone()  # [chunk, seq, d_model]
             at = torch.arange(len(r), device=x.device)
             x[at, c] = problem.baselines[r, c]
-            past = Prefix(prefix_cache(states, r, offset), offset)
+            past = Prefix(prefix_cache(states, r, offset, cut), offset - cut)
             with torch.no_grad():
-                return problem.forward(x, problem.inputs.select(r), past=past)
+                return problem.forward(x[:, cut:], problem.inputs.select(r, cut), past=past)
 
         removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
         removed[order] = torch.cat(chunked(len(rows), problem.batch_size, run))

@@ -11,6 +11,7 @@ as they are whatever a method perturbs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,6 +62,21 @@ class AttributionProblem:
     @property
     def n_rows(self) -> int:
         return self.embeds.shape[0]
+
+    @functools.cached_property
+    def left_pad(self) -> Tensor:
+        """Left-padding columns of each row (its first attended column). [batch]"""
+        return self.inputs.attention_mask.long().argmax(-1)
+
+    def trim(self, rows: Tensor) -> int:
+        """The first column any of ``rows`` attends to: the columns before it are padding in
+        all of them, so a pass over those rows may start there."""
+        return int(self.left_pad[rows].min())
+
+    def by_length(self, rows: Tensor) -> Tensor:
+        """An order of ``rows`` (positions in it) that puts rows of like length together, so
+        chunks in that order carry little padding."""
+        return torch.argsort(self.left_pad[rows], descending=True, stable=True)
 
     @property
     def n_features(self) -> Tensor:
@@ -129,16 +145,21 @@ class AttributionProblem:
         columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
 
+        order = self.by_length(rows)
+        rows, keep = rows[order], keep[order]
+
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]  # [chunk]
             # Slots past a row's features point at a non-feature column: always "keep" there.
             k = keep[i:j] | (slots >= self.n_features[r, None])  # [chunk, k]
             col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
-            x = torch.where(col_keep[..., None], self.embeds[r], self.baselines[r])
-            return self.forward(x, self.inputs.select(r))
+            cut = self.trim(r)
+            x = torch.where(col_keep[:, cut:, None], self.embeds[r, cut:], self.baselines[r, cut:])
+            return self.forward(x, self.inputs.select(r, cut))
 
-        return torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n]
+        out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
+        return torch.empty_like(out).index_copy_(0, order, out)
 
     @torch.no_grad()
     def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
@@ -161,35 +182,45 @@ class AttributionProblem:
         columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
 
+        order = self.by_length(rows)
+        rows, alpha = rows[order], alpha[order]
+
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]  # [chunk]
             a = alpha[i:j]  # [chunk, k]
             a = torch.where(slots < self.n_features[r, None], a, torch.ones_like(a))
             col_alpha = torch.ones(r.shape[0], self.embeds.shape[1], dtype=a.dtype, device=device)
             col_alpha.scatter_(1, columns[r], a)  # [chunk, seq]
-            base = self.baselines[r]  # [chunk, seq, d_model]
-            x = base + col_alpha[..., None] * (self.embeds[r] - base)
+            cut = self.trim(r)
+            base, x_in = self.baselines[r, cut:], self.embeds[r, cut:]  # [chunk, seq', d_model]
+            x = base + col_alpha[:, cut:, None] * (x_in - base)
             # Off the features the baseline equals the input, so x is the input there exactly.
-            x = torch.where(self.feature_mask[r, :, None], x, self.embeds[r])
-            return self.forward(x, self.inputs.select(r))
+            x = torch.where(self.feature_mask[r, cut:, None], x, x_in)
+            return self.forward(x, self.inputs.select(r, cut))
 
-        return torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n]
+        out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
+        return torch.empty_like(out).index_copy_(0, order, out)
 
     def gradients(self) -> tuple[Tensor, Tensor]:
         """The target on the unperturbed rows and its gradient with respect to their input
         embeddings, ``grad_batch`` rows per forward + backward pass. ``[batch]``,
         ``[batch, seq, d_model]``."""
         rows = torch.arange(self.n_rows, device=self.embeds.device)
+        rows = rows[self.by_length(rows)]
+        grad = torch.zeros_like(self.embeds)
 
-        def run(i: int, j: int) -> tuple[Tensor, Tensor]:
+        def run(i: int, j: int) -> Tensor:
+            r = rows[i:j]
+            cut = self.trim(r)
             with torch.enable_grad():
-                x = self.embeds[rows[i:j]].detach().requires_grad_()
-                f = self.forward(x, self.inputs.select(rows[i:j]))
-                (grad,) = torch.autograd.grad(f.sum(), x)
-            return f.detach(), grad
+                x = self.embeds[r, cut:].detach().requires_grad_()
+                f = self.forward(x, self.inputs.select(r, cut))
+                (g,) = torch.autograd.grad(f.sum(), x)
+            grad[r, cut:] = g
+            return f.detach()
 
-        parts = chunked(self.n_rows, self.grad_batch, run)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        f = torch.cat(chunked(self.n_rows, self.grad_batch, run))  # [batch] in length order
+        return torch.empty_like(f).index_copy_(0, rows, f), grad
 
     @torch.no_grad()
     def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
