@@ -6,9 +6,10 @@ model's config (hidden size, layers, MLP width, heads, vocabulary), not measured
 the large side. On a GPU the default budget is 60% of the free device memory, and a pass that
 runs out of memory anyway is retried at half the size
 (:func:`tokattr.methods.problem.chunked`). On a CPU passes are also capped at
-:data:`CPU_TOKENS_PER_PASS` tokens: beyond that, throughput no longer improves (measured on
-the bundled model: 1,064 sequences/s at 64 sequences of 18 tokens per pass, 1,280 at 256, 1,044
-at 1,024).
+:data:`CPU_TOKENS_PER_PASS` tokens: larger passes run slower per sequence there (measured in
+``bench/`` on 2 cores: the bundled model's best pass was 32 sequences of 18 tokens; a 100M
+Llama's 16 of 68 tokens, and 4 of 259 tokens without gradients; IG on two 64-token prompts
+took 3.75 s per prompt at 16 sequences per pass and 4.9-5.8 s at 32).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 GiB = 1024**3
-CPU_TOKENS_PER_PASS = 4096
+CPU_TOKENS_PER_PASS = 1024
 """Most tokens (sequences x length) per pass on a CPU when the batch size is automatic."""
 MAX_SEQUENCES_PER_PASS = 4096
 """Most sequences per pass on any device when the batch size is automatic."""

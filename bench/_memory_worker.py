@@ -1,0 +1,116 @@
+"""Peak memory of integrated gradients on one long prompt, in a fresh process.
+
+Reads one JSON request on stdin::
+
+    {"model_path", "prompt", "answer", "n_steps", "batch_size", "memory_budget",
+     "device", "dtype", "threads"}
+
+loads the model folder, records the memory after loading, runs ``tokattr.attribute(lm,
+prompt, "integrated_gradients", target=answer, n_steps=..., batch_size=...)`` (passing
+``memory_budget=`` only when ``tokattr.attribute`` takes it and the request gives one), and
+prints one JSON line with the peak memory above the loaded model: CUDA
+``max_memory_allocated`` or, on CPU, the peak RSS (``ru_maxrss``, KiB on Linux) minus the RSS
+after loading (the peak is reset after loading through ``/proc/self/clear_refs`` where
+Linux allows it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in bytes, ``None`` off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"{field}:\s+(\d+) kB", status)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0), so the peak of loading the
+    model (which can briefly hold two copies) does not count; ``False`` where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> dict[str, Any]:
+    """Run the request from stdin; the answer as a dict."""
+    req = json.loads(sys.stdin.read())
+    import torch
+
+    torch.set_num_threads(int(req.get("threads") or torch.get_num_threads()))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tokattr
+    from tokattr.models import LanguageModel
+
+    dtype = torch.bfloat16 if req["dtype"] == "bf16" else torch.float32
+    device = req["device"]
+    model = AutoModelForCausalLM.from_pretrained(req["model_path"], dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(req["model_path"])
+    lm = LanguageModel(model=model, tokenizer=tok, name="llama-100m", path=None)
+
+    kwargs: dict[str, Any] = {"n_steps": int(req["n_steps"]), "batch_size": req["batch_size"]}
+    takes_budget = "memory_budget" in inspect.signature(tokattr.attribute).parameters
+    used_budget = takes_budget and req.get("memory_budget") is not None
+    if used_budget:
+        kwargs["memory_budget"] = int(req["memory_budget"])
+    reset = False
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        reset = _reset_peak_rss()
+        start = _status_bytes("VmRSS") or 0
+    t0 = time.perf_counter()
+    out = tokattr.attribute(
+        lm, req["prompt"], method="integrated_gradients", target=req["answer"], **kwargs
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - start
+        kind = "cuda_max_memory_allocated"
+    else:
+        hwm = _status_bytes("VmHWM") if reset else None
+        if hwm is None:  # ru_maxrss: KiB on Linux, since the process started
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = hwm - start
+        kind = "cpu_peak_rss_minus_rss_after_load" + ("" if reset else " (peak since start)")
+    n_tokens = len(tok(req["prompt"])["input_ids"])
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "peak_bytes": int(peak),
+        "memory_kind": kind,
+        "prompt_tokens": n_tokens,
+        "model_evals": out.model_evals,
+        "delta": out.delta,
+        "takes_memory_budget": takes_budget,
+        "used_memory_budget_arg": used_budget,
+    }
+
+
+if __name__ == "__main__":
+    try:
+        answer = main()
+    except Exception as exc:
+        traceback.print_exc()
+        answer = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+    print(json.dumps(answer), flush=True)
