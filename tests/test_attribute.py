@@ -377,3 +377,36 @@ def test_passes_over_short_prompts_skip_the_padding(method):
     alone = run(lm, SHORT, method, SHORT_ANSWER, batch_size=4, seed=0)
     torch.testing.assert_close(both[0].scores, alone.scores, atol=1e-5, rtol=1e-5)
     assert min(widths) < max(widths) - 10  # the short prompt's passes are narrower
+
+
+def test_prefix_reuse_only_where_the_cache_is_exact():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tokattr.attribution import supports_prefix
+    from tokattr.models import LanguageModel
+    from tokattr.targets import contrast, logit, prob
+
+    lm = tiny_lm("llama")
+    assert (
+        supports_prefix(lm, log_prob) and supports_prefix(lm, prob) and supports_prefix(lm, logit)
+    )
+    assert not supports_prefix(lm, contrast)  # a second pass with the foil: not cached
+    assert not supports_prefix(lm, lambda m, e, i: log_prob(m, e, i))  # a custom target
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(lm.tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
+    sliding = LanguageModel(MistralForCausalLM(config).eval(), lm.tokenizer, "sliding", None)
+    assert not supports_prefix(sliding, log_prob)  # sliding-window layers: full passes
+    prompts, answers = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    for target_fn in ("prob", "logit"):
+        a = run(lm, prompts, "occlusion", answers, target_fn=target_fn)
+        b = run(lm, prompts, "occlusion", answers, target_fn=target_fn, prefix_reuse=False)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x.scores, y.scores, atol=1e-5, rtol=1e-4)

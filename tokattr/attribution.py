@@ -343,9 +343,24 @@ def pass_sizes(
 
 def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     """Whether ``fn`` on this model can start from a key/value cache of the first columns
-    (:class:`~tokattr.targets.Prefix`): a built-in target other than ``contrast``, on a model
-    that keeps a standard key/value cache."""
-    return fn in PREFIX_TARGETS and bool(getattr(lm.model, "_supports_cache_class", True))
+    (:class:`~tokattr.targets.Prefix`): a built-in target other than ``contrast``, on a
+    decoder-only model with a standard key/value cache and full attention in every layer
+    (sliding-window and recurrent layers are left to full passes)."""
+    model, config = lm.model, lm.model.config
+    if fn not in PREFIX_TARGETS or getattr(config, "is_encoder_decoder", False):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    sliding = getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    )
+    if layer_types is None and sliding:
+        return False
+    check = getattr(model, "_supports_default_dynamic_cache", None)
+    if callable(check):
+        return bool(check())
+    return bool(getattr(model, "_supports_cache_class", False))
 
 
 def embeddings_and_baselines(

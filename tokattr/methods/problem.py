@@ -24,6 +24,8 @@ from transformers.cache_utils import DynamicCache
 from tokattr.targets import Prefix, TargetInputs, cache_states
 
 T = TypeVar("T")
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+"""What a pass that does not fit raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
 
 Forward = Callable[..., Tensor]
 """``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``; where the problem
@@ -286,7 +288,7 @@ def chunked(n: int, size: int, run: Callable[[int, int], T]) -> list[T]:
         j = min(i + size, n)
         try:
             out.append(run(i, j))
-        except torch.OutOfMemoryError:
+        except OutOfMemory:
             if j - i == 1:
                 raise
             size = max(1, (j - i) // 2)
