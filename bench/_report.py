@@ -457,7 +457,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {e['model']} | {e['prompt_set']} | {e['method']} | {e['implementation']} "
                 f"| {e['n_prompts']} | {e['max_abs_diff']:.3g} | {e['max_rel_diff']:.3g} "
-                f"| {e['tolerance']:.0e} | {'pass' if e['passed'] else 'FAIL'} |"
+                f"| {e['tolerance']:.0e} | "
+                f"{e.get('note') if e['passed'] is None else 'pass' if e['passed'] else 'FAIL'} |"
             )
     if result["memory"]:
         lines += [

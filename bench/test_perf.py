@@ -200,8 +200,17 @@ def test_perf(benchmark: Any, session: Session, case: tuple[str, str, str, str])
             continue
         check = {**_row(session, model, pset, method, own), "peer": "captum"}
         check.update(equality(ours[:k], scores, tolerance))
+        if method == "kernel_shap" and params["n_samples"] <= max(features[:k]) + 1:
+            # Fewer coalitions than unknowns: the fit is under-determined and its minimum-norm
+            # solution depends on the solver's rank cut-off (Captum hands scikit-learn
+            # float32, tokattr solves in float64), so the two need not agree.
+            check.update(
+                passed=None,
+                note=f"not compared: {params['n_samples']} coalitions for "
+                f"{max(features[:k])} tokens + intercept (under-determined)",
+            )
         session.store.add_equality(check)
-        if not check["passed"]:
+        if check["passed"] is False:
             failed.append(check)
     assert not failed, f"tokattr's scores differ from Captum's: {failed}"
 

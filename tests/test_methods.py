@@ -317,15 +317,18 @@ def test_kernel_shap_equals_captum_with_the_same_seed(arch):
     assert res.model_evals == 60
 
 
-def test_kernel_shap_equals_captum_with_scikit_learn():
+@pytest.mark.parametrize("n_samples", [60, 4])
+def test_kernel_shap_equals_captum_with_scikit_learn(n_samples):
+    """Also with fewer coalitions than tokens (4 < 6): the under-determined fit picks the same
+    minimum-norm solution as scikit-learn's LinearRegression."""
     pytest.importorskip("sklearn")
     lm = tiny_lm("llama")
     cols, x, b, groups, f = _captum_inputs(lm)
-    res = attribute(lm, PROMPT, "kernel_shap", target=ANSWER, seed=7, n_samples=60)
+    res = attribute(lm, PROMPT, "kernel_shap", target=ANSWER, seed=7, n_samples=n_samples)
     torch.manual_seed(7)
     with torch.no_grad():
         want = captum.attr.KernelShap(f).attribute(
-            x, baselines=b, feature_mask=groups, n_samples=60
+            x, baselines=b, feature_mask=groups, n_samples=n_samples
         )[0, cols, 0]
     torch.testing.assert_close(res.scores, want, rtol=1e-3, atol=1e-4)
 

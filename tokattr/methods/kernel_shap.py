@@ -82,6 +82,11 @@ def shapley_kernel_samples(n: int, n_samples: int) -> tuple[Tensor, Tensor]:
 def weighted_least_squares(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """Coefficients (no intercept) of ``min sum_i w_i (y_i - b - x_i . beta)^2``, float64.
 
+    Solved as scikit-learn's ``LinearRegression`` (Captum's default) solves it: centre ``x``
+    and ``y`` on their weighted means (which fits the intercept), scale rows by ``sqrt(w)``,
+    then the minimum-norm least-squares ``beta`` (LAPACK ``gelsd``). With fewer coalitions than
+    tokens the system is under-determined and this picks the same solution as Captum.
+
     Args:
         x: ``[n_samples, n_features]``; y, w: ``[n_samples]``.
 
@@ -89,9 +94,11 @@ def weighted_least_squares(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         ``[n_features]`` float64.
     """
     x, y, w = x.double().cpu(), y.double().cpu(), w.double().cpu()
-    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    root = w.sqrt()[:, None]
-    return torch.linalg.lstsq(design * root, y[:, None] * root, driver="gelsd").solution[:-1, 0]
+    x_mean = (w[:, None] * x).sum(0) / w.sum()
+    y_mean = (w * y).sum() / w.sum()
+    root = w.sqrt()
+    xc, yc = (x - x_mean) * root[:, None], (y - y_mean) * root
+    return torch.linalg.lstsq(xc, yc[:, None], driver="gelsd").solution[:, 0]
 
 
 class KernelShap:

@@ -74,8 +74,9 @@ class Occlusion:
     ) -> tuple[Tensor, Tensor]:
         """``f(x)`` per row and ``f(x without column c)`` per perturbation, re-running each
         perturbed sequence only from its first changed column: the earlier columns' key/value
-        states come from the unperturbed pass. Perturbations go in column order, so a pass's
-        shared prefix is as long as its leftmost column allows."""
+        states come from the unperturbed pass. Perturbations go in column order, in bands of
+        like columns (:func:`_bands`), so a pass's shared prefix is close to each of its
+        sequences' own."""
         fx, states = problem.states()
         order = torch.argsort(columns, stable=True)
         rows_s, cols_s = rows[order], columns[order]
@@ -91,7 +92,12 @@ class Occlusion:
                 return problem.forward(x[:, cut:], problem.inputs.select(r, cut), past=past)
 
         removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
-        removed[order] = torch.cat(chunked(len(rows), problem.batch_size, run))
+        parts: list[Tensor] = []
+        for start, stop in _bands(problem.embeds.shape[1] - cols_s):
+            parts += chunked(
+                stop - start, problem.batch_size, lambda i, j, s=start: run(s + i, s + j)
+            )
+        removed[order] = torch.cat(parts)
         return fx, removed
 
     def _windows(self, problem: AttributionProblem) -> MethodOutput:
@@ -108,3 +114,21 @@ class Occlusion:
             )  # [1, n]
             values[b, :n] = attr[0].float().cpu()
         return MethodOutput(problem.scatter(values.to(problem.embeds.device)))
+
+
+BAND_SLACK = 1.3
+"""A pass re-runs all its sequences from its leftmost column on; a sequence joins a pass only
+if that is at most this many times the columns it needs itself."""
+
+
+def _bands(need: Tensor) -> list[tuple[int, int]]:
+    """Split perturbations sorted by column into runs ``[start, stop)`` whose first one needs
+    at most :data:`BAND_SLACK` times the columns of any other (``need`` ``[P]``, non-increasing:
+    the columns each perturbation re-runs)."""
+    need_list = need.tolist()
+    bands, start = [], 0
+    for j in range(1, len(need_list) + 1):
+        if j == len(need_list) or need_list[start] > BAND_SLACK * need_list[j]:
+            bands.append((start, j))
+            start = j
+    return bands
