@@ -98,7 +98,7 @@ def test_perf(benchmark: Any, session: Session, case: tuple[str, str, str, str])
 
     prompts = session.prompts(model, pset)
     features = session.features(model, pset)
-    floor = session.floor(model, pset)
+    floor = session.floor_now(model, pset)
 
     if impl.startswith("tokattr"):
         estimate = h.floor_seconds(method, params, features, floor) * len(prompts)
@@ -182,8 +182,10 @@ def test_perf(benchmark: Any, session: Session, case: tuple[str, str, str, str])
         for (p, _), t in zip(subset, ids, strict=True):
             scores.append(runner(p, t))
 
-    times, peak, kind = timed_rounds(benchmark, run_captum, 1, 0, cfg.device)
-    row["timing"] = "one pass over the prompts, one Captum call per prompt"
+    # Best of 3 passes where a pass is cheap (as tokattr's time is a best of rounds too).
+    rounds = 3 if total <= 20.0 else 1
+    times, peak, kind = timed_rounds(benchmark, run_captum, rounds, 0, cfg.device)
+    row["timing"] = f"best of {rounds} pass(es) over the prompts, one Captum call per prompt"
     _measure(session, row, method, params, subset, features, floor, times, peak, kind)
     session.store.add_row(row)
 

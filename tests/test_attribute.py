@@ -410,3 +410,19 @@ def test_prefix_reuse_only_where_the_cache_is_exact():
         b = run(lm, prompts, "occlusion", answers, target_fn=target_fn, prefix_reuse=False)
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x.scores, y.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_passes_leave_out_the_answer_slot_padding():
+    """A short answer batched with a long one: its passes stop at its own last column."""
+    lm = tiny_lm("llama")
+    widths = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        both = run(lm, ["12+3=", "12+3="], "saliency", ["15", "1500000000"], batch_size=1)
+    finally:
+        hook.remove()
+    alone = run(lm, "12+3=", "saliency", "15", batch_size=1)
+    torch.testing.assert_close(both[0].scores, alone.scores, atol=1e-5, rtol=1e-5)
+    assert sorted(widths) == [widths[0], widths[0] + 8]  # 8 fewer answer tokens, 8 fewer columns

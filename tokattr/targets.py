@@ -54,14 +54,14 @@ class TargetInputs:
         along the batch dimension for steps and perturbations)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
-    def select(self, rows: Tensor, start: int = 0) -> TargetInputs:
-        """The rows ``rows`` (an index tensor ``[n]``), in that order, from column ``start`` on
-        (columns before it must be left padding in all of them)."""
-        if start == 0:
+    def select(self, rows: Tensor, cols: slice | None = None) -> TargetInputs:
+        """The rows ``rows`` (an index tensor ``[n]``), in that order; only the columns ``cols``
+        where given (the columns left out must be padding in all of those rows)."""
+        if cols is None:
             return TargetInputs(*(None if t is None else t[rows] for t in self.as_tuple()))
         return TargetInputs(
             *(
-                None if t is None else t[rows] if t.dim() == 1 else t[rows, start:]
+                None if t is None else t[rows] if t.dim() == 1 else t[rows, cols]
                 for t in self.as_tuple()
             )
         )

@@ -70,14 +70,14 @@ class IntegratedGradients:
 
         def run(i: int, j: int) -> None:
             r, a = rows[i:j], alphas[step[i:j]]
-            cut = problem.trim(r)  # the columns before it are padding in every row of the chunk
+            cols = problem.trim(r)  # the columns outside are padding in every row of the chunk
             with torch.enable_grad():
-                x = problem.baselines[r, cut:] + a.to(dtype)[:, None, None] * diff[r, cut:]
+                x = problem.baselines[r, cols] + a.to(dtype)[:, None, None] * diff[r, cols]
                 x = x.detach().requires_grad_()
-                f = problem.forward(x, problem.inputs.select(r, cut))
+                f = problem.forward(x, problem.inputs.select(r, cols))
                 (grad,) = torch.autograd.grad(f.sum(), x)
             w = weights[step[i:j]].float()[:, None, None]
-            total[:, cut:].index_add_(0, r, grad.float() * w)
+            total[:, cols].index_add_(0, r, grad.float() * w)
 
         chunked(n_rows * n_steps, problem.grad_batch, run)
         scores = (total * diff.float()).sum(-1)  # [batch, seq]

@@ -83,20 +83,23 @@ class Occlusion:
 
         def run(i: int, j: int) -> Tensor:
             r, c = rows_s[i:j], cols_s[i:j]
-            offset, cut = int(c.min()), problem.trim(r)  # cut <= offset: padding ends first
+            cols = problem.trim(r)  # cols.start <= offset: the left padding ends first
+            offset = int(c.min())
             x = problem.embeds[r].clone()  # [chunk, seq, d_model]
             at = torch.arange(len(r), device=x.device)
             x[at, c] = problem.baselines[r, c]
-            past = Prefix(prefix_cache(states, r, offset, cut), offset - cut)
+            past = Prefix(prefix_cache(states, r, offset, cols.start), offset - cols.start)
             with torch.no_grad():
-                return problem.forward(x[:, cut:], problem.inputs.select(r, cut), past=past)
+                return problem.forward(x[:, cols], problem.inputs.select(r, cols), past=past)
 
         removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
         parts: list[Tensor] = []
-        for start, stop in _bands(problem.embeds.shape[1] - cols_s):
-            parts += chunked(
-                stop - start, problem.batch_size, lambda i, j, s=start: run(s + i, s + j)
-            )
+        seq = problem.embeds.shape[1]
+        need = seq - cols_s  # columns each perturbation re-runs
+        for start, stop in _bands(need):
+            # A pass's memory and time go with its tokens: shorter sequences, more per pass.
+            size = max(problem.batch_size, problem.batch_size * seq // int(need[start]))
+            parts += chunked(stop - start, size, lambda i, j, s=start: run(s + i, s + j))
         removed[order] = torch.cat(parts)
         return fx, removed
 

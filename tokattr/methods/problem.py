@@ -70,10 +70,20 @@ class AttributionProblem:
         """Left-padding columns of each row (its first attended column). [batch]"""
         return self.inputs.attention_mask.long().argmax(-1)
 
-    def trim(self, rows: Tensor) -> int:
-        """The first column any of ``rows`` attends to: the columns before it are padding in
-        all of them, so a pass over those rows may start there."""
-        return int(self.left_pad[rows].min())
+    @functools.cached_property
+    def right_end(self) -> Tensor:
+        """One past each row's last attended column (of the answer or of the foil). [batch]"""
+        mask = self.inputs.attention_mask.bool()
+        if self.inputs.foil_attention_mask is not None:
+            mask = mask | self.inputs.foil_attention_mask.bool()
+        cols = torch.arange(mask.shape[1], device=mask.device)
+        return torch.where(mask, cols, -1).max(-1).values + 1
+
+    def trim(self, rows: Tensor) -> slice:
+        """The columns any of ``rows`` attends to: the columns outside are padding in all of
+        them (left padding of the prompts, right padding of the answers), so a pass over those
+        rows may leave them out."""
+        return slice(int(self.left_pad[rows].min()), int(self.right_end[rows].max()))
 
     def by_length(self, rows: Tensor) -> Tensor:
         """An order of ``rows`` (positions in it) that puts rows of like length together, so
@@ -156,9 +166,9 @@ class AttributionProblem:
             k = keep[i:j] | (slots >= self.n_features[r, None])  # [chunk, k]
             col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
-            cut = self.trim(r)
-            x = torch.where(col_keep[:, cut:, None], self.embeds[r, cut:], self.baselines[r, cut:])
-            return self.forward(x, self.inputs.select(r, cut))
+            cols = self.trim(r)
+            x = torch.where(col_keep[:, cols, None], self.embeds[r, cols], self.baselines[r, cols])
+            return self.forward(x, self.inputs.select(r, cols))
 
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
@@ -193,12 +203,12 @@ class AttributionProblem:
             a = torch.where(slots < self.n_features[r, None], a, torch.ones_like(a))
             col_alpha = torch.ones(r.shape[0], self.embeds.shape[1], dtype=a.dtype, device=device)
             col_alpha.scatter_(1, columns[r], a)  # [chunk, seq]
-            cut = self.trim(r)
-            base, x_in = self.baselines[r, cut:], self.embeds[r, cut:]  # [chunk, seq', d_model]
-            x = base + col_alpha[:, cut:, None] * (x_in - base)
+            cols = self.trim(r)
+            base, x_in = self.baselines[r, cols], self.embeds[r, cols]  # [chunk, seq', d_model]
+            x = base + col_alpha[:, cols, None] * (x_in - base)
             # Off the features the baseline equals the input, so x is the input there exactly.
-            x = torch.where(self.feature_mask[r, cut:, None], x, x_in)
-            return self.forward(x, self.inputs.select(r, cut))
+            x = torch.where(self.feature_mask[r, cols, None], x, x_in)
+            return self.forward(x, self.inputs.select(r, cols))
 
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
@@ -213,12 +223,12 @@ class AttributionProblem:
 
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]
-            cut = self.trim(r)
+            cols = self.trim(r)
             with torch.enable_grad():
-                x = self.embeds[r, cut:].detach().requires_grad_()
-                f = self.forward(x, self.inputs.select(r, cut))
+                x = self.embeds[r, cols].detach().requires_grad_()
+                f = self.forward(x, self.inputs.select(r, cols))
                 (g,) = torch.autograd.grad(f.sum(), x)
-            grad[r, cut:] = g
+            grad[r, cols] = g
             return f.detach()
 
         f = torch.cat(chunked(self.n_rows, self.grad_batch, run))  # [batch] in length order
