@@ -702,16 +702,7 @@ def run_inseq(
         "dtype": config.dtype,
         "threads": torch.get_num_threads(),
     }
-    proc = subprocess.run(
-        [str(INSEQ_PYTHON), str(BENCH_DIR / "_inseq_worker.py")],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=str(REPO),
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
-    )
-    return _last_json(proc, "inseq worker")
+    return _run_worker(str(INSEQ_PYTHON), "_inseq_worker.py", request, timeout_s, "inseq worker")
 
 
 def run_memory_worker(
@@ -731,8 +722,16 @@ def run_memory_worker(
         "dtype": config.dtype,
         "threads": torch.get_num_threads(),
     }
+    return _run_worker(sys.executable, "_memory_worker.py", request, timeout_s, "memory worker")
+
+
+def _run_worker(
+    python: str, script: str, request: dict[str, Any], timeout_s: float, what: str
+) -> dict[str, Any]:
+    """Run ``bench/<script>`` with ``python``, the request as JSON on stdin; its last JSON
+    line."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / "_memory_worker.py")],
+        [python, str(BENCH_DIR / script)],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -740,7 +739,7 @@ def run_memory_worker(
         cwd=str(REPO),
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
     )
-    return _last_json(proc, "memory worker")
+    return _last_json(proc, what)
 
 
 def _last_json(proc: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any
 
 
 def _rss() -> tuple[int | None, int | None]:
+    # A copy of bench._harness.rss_bytes: this worker runs in Inseq's own environment, which
+    # has neither tokattr nor the bench package.
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
