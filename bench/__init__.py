@@ -23,7 +23,8 @@ What it measures, for every attribution method (``random`` excepted: it evaluate
   scores (encoding the answer string on its own would add a word-start marker).
 - **inseq**: Inseq 0.7 (``integrated_gradients``, ``occlusion``, ``saliency``,
   ``input_x_gradient``) in a subprocess of its own virtual environment
-  (``$TOKATTR_BENCH_INSEQ_PYTHON``, default ``/work/inseq-venv/bin/python``; skipped with a
+  (``$TOKATTR_BENCH_INSEQ_PYTHON``, default ``.venv-inseq/bin/python``, built by
+  ``bash scripts/inseq_env.sh``; skipped with a
   recorded reason when absent). Inseq attributes each answer token separately with its own
   baselines, so it is a *timing* peer only: its scores are never compared.
 - **floor**: the compute floor of the method on the same padded token batch tokattr builds:

@@ -35,7 +35,17 @@ from tokattr.models import BUNDLED, LanguageModel
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-INSEQ_PYTHON = Path(os.environ.get("TOKATTR_BENCH_INSEQ_PYTHON", "/work/inseq-venv/bin/python"))
+INSEQ_PYTHON = Path(
+    os.environ.get("TOKATTR_BENCH_INSEQ_PYTHON")
+    or next(
+        (
+            str(p)
+            for p in (REPO / ".venv-inseq/bin/python", Path("/work/inseq-venv/bin/python"))
+            if p.exists()
+        ),
+        str(REPO / ".venv-inseq/bin/python"),
+    )
+)
 SEED = 0
 """The seed of every random method (tokattr's ``seed=``; Captum: ``torch.manual_seed``)."""
 
