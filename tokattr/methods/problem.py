@@ -110,10 +110,6 @@ class AttributionProblem:
             prefix_ok=self.prefix_ok,
         )
 
-    def captum_forward(self, embeds: Tensor, *inputs: Tensor | None) -> Tensor:
-        """``forward`` with the target inputs spread as Captum's ``additional_forward_args``."""
-        return self.forward(embeds, TargetInputs(*inputs))
-
     def feature_columns(self) -> Tensor:
         """Column of each row's k-th feature; slots past a row's last feature hold a column that
         is not a feature (where removing is a no-op). [batch, n_max]"""
@@ -266,11 +262,6 @@ class AttributionProblem:
             return self.evaluate(rows, keep > 0.5)
 
         return forward
-
-    def rows(self, size: int) -> Iterator[Tensor]:
-        """Row indices in chunks of at most ``size``."""
-        idx = torch.arange(self.n_rows, device=self.embeds.device)
-        yield from idx.split(max(1, size))
 
 
 @dataclass(frozen=True)
