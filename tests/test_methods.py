@@ -319,8 +319,9 @@ def test_kernel_shap_equals_captum_with_the_same_seed(arch):
 
 @pytest.mark.parametrize("n_samples", [60, 4])
 def test_kernel_shap_equals_captum_with_scikit_learn(n_samples):
-    """Also with fewer coalitions than tokens (4 < 6): the under-determined fit picks the same
-    minimum-norm solution as scikit-learn's LinearRegression."""
+    """Also with fewer coalitions than tokens (4 < 6), where the fit is under-determined: on
+    this small case tokattr's float64 minimum-norm solution and scikit-learn's agree (on larger
+    under-determined fits Captum's float32 inputs can make them differ; see bench/)."""
     pytest.importorskip("sklearn")
     lm = tiny_lm("llama")
     cols, x, b, groups, f = _captum_inputs(lm)

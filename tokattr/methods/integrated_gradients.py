@@ -83,13 +83,10 @@ class IntegratedGradients:
         scores = (total * diff.float()).sum(-1)  # [batch, seq]
         scores = torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
         # f(x) and f(baseline): 2 forwards per row, for the convergence delta.
-        ends = problem.evaluate(
-            torch.arange(n_rows, device=device).repeat(2),
-            torch.arange(2, device=device)
-            .repeat_interleave(n_rows)[:, None]
-            .bool()
-            .expand(-1, int(problem.n_features.max())),
-        )  # [2 * batch]: baselines first, then inputs
+        every = torch.arange(n_rows, device=device)
+        keep = torch.zeros(2 * n_rows, int(problem.n_features.max()), dtype=torch.bool)
+        keep[n_rows:] = True  # the baselines (nothing kept), then the inputs (all kept)
+        ends = problem.evaluate(every.repeat(2), keep)  # [2 * batch]
         f_base, fx = ends[:n_rows], ends[n_rows:]
         delta = scores.double().sum(-1) - (fx.double() - f_base.double())
         return MethodOutput(scores=scores, delta=delta.float(), fx=fx.float())
