@@ -332,6 +332,28 @@ def test_attribute_command_options_parse(tmp_path):
     assert records[0]["baseline"] == "zero" and records[2]["target"] == "9"
 
 
+def test_attribute_command_passes_the_integration_rule(tmp_path):
+    from jsonargparse import auto_cli
+
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "attr.json"
+    argv = ["--model", str(folder), "--prompt+", SHORT, "--target+", SHORT_ANSWER]
+    argv += ["--method+", "integrated_gradients", "--method+", "occlusion"]
+    argv += ["--n_steps", "9", "--rule", "adaptive_simpson", "--json_out", str(out)]
+    auto_cli(attribute_command, args=argv, as_positional=False)
+    ig, occ = json.loads(out.read_text())
+    assert (
+        ig["params"] == {"n_steps": 9, "rule": "adaptive_simpson"} and "rule" not in occ["params"]
+    )
+    direct = attribute(
+        lm, SHORT, "integrated_gradients", target=SHORT_ANSWER, n_steps=9, rule="adaptive_simpson"
+    )
+    assert ig["scores"] == pytest.approx(direct.scores.tolist(), abs=1e-6)
+
+
 def test_attribute_command_refuses_a_parameter_no_method_takes(tmp_path):
     with pytest.raises(ValueError, match="--n_steps is not a parameter"):
         attribute_command(model=str(tmp_path), method=["occlusion"], n_steps=3)

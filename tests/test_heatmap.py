@@ -180,6 +180,9 @@ def test_plan_columns_spells_the_prompts():
     assert plan[0].params == {"n_steps": 4}
     plan = plan_columns("7x5=", methods=["saliency", "kernel_shap"], method_params={"n_samples": 8})
     assert [(c.prompt, c.params) for c in plan] == [("7x5=", {}), ("7x5=", {"n_samples": 8})]
+    given = {"n_steps": 9, "rule": "adaptive_simpson"}
+    plan = plan_columns("7x5=", methods=["integrated_gradients", "occlusion"], method_params=given)
+    assert [c.params for c in plan] == [given, {}]
 
 
 def test_shapes_must_match(tmp_path):

@@ -19,6 +19,7 @@ def heatmap_command(
     target: str | None = None,
     baseline: str = "pad",
     n_steps: int | None = None,
+    rule: str | None = None,
     n_samples: int | None = None,
     seed: int | None = 0,
     batch_size: int | None = None,
@@ -48,6 +49,8 @@ def heatmap_command(
             the bare query), e.g. --target -20000.
         baseline: what replaces a removed token's embedding: "pad", "unk" or "zero".
         n_steps: integration steps for integrated_gradients (default 64).
+        rule: integration rule for integrated_gradients: "gausslegendre" (default),
+            "adaptive_simpson" (the same steps where the path is steep), or a Riemann rule.
         n_samples: samples for kernel_shap (default 256) and shapley_sampling (default 25).
         seed: seed of the random methods, the same for every column; null for unseeded.
         batch_size: the most sequences per forward pass (default 64).
@@ -64,7 +67,11 @@ def heatmap_command(
         write_heatmap_csv,
     )
 
-    given = {k: v for k, v in (("n_steps", n_steps), ("n_samples", n_samples)) if v is not None}
+    given = {
+        k: v
+        for k, v in (("n_steps", n_steps), ("rule", rule), ("n_samples", n_samples))
+        if v is not None
+    }
     plan_columns(query, columns, methods, method, given)  # bad input fails before loading
     png = Path(out)
     if png.suffix.lower() != ".png":
