@@ -285,11 +285,17 @@ def test_nan_scores_are_refused():
 # --------------------------------------------------------------------------- CLI, imports
 
 
-def test_attribute_command_prints_a_table_and_writes_json(tmp_path, capsys):
-    lm = tiny_lm("llama")
+def saved_tiny_lm(tmp_path, arch: str):
+    """A tiny seeded model and the folder it is saved in (what the CLI loads)."""
+    lm = tiny_lm(arch)
     folder = tmp_path / "tiny"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
+    return lm, folder
+
+
+def test_attribute_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    lm, folder = saved_tiny_lm(tmp_path, "llama")
     out = tmp_path / "out" / "attr.json"
     attribute_command(
         model=str(folder),
@@ -316,10 +322,7 @@ def test_attribute_command_options_parse(tmp_path):
     """The options as jsonargparse reads them from a command line (as ``tokattr attribute``)."""
     from jsonargparse import auto_cli
 
-    lm = tiny_lm("gpt2")
-    folder = tmp_path / "tiny"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
+    _, folder = saved_tiny_lm(tmp_path, "gpt2")
     out = tmp_path / "attr.json"
     argv = ["--model", str(folder), "--prompt+", SHORT, "--prompt+", "9=", "--target+", "35"]
     argv += ["--target+", "9"]  # numbers stay strings with '+'; a list needs '["35", "9"]'
@@ -335,10 +338,7 @@ def test_attribute_command_options_parse(tmp_path):
 def test_attribute_command_passes_the_integration_rule(tmp_path):
     from jsonargparse import auto_cli
 
-    lm = tiny_lm("llama")
-    folder = tmp_path / "tiny"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
+    lm, folder = saved_tiny_lm(tmp_path, "llama")
     out = tmp_path / "attr.json"
     argv = ["--model", str(folder), "--prompt+", SHORT, "--target+", SHORT_ANSWER]
     argv += ["--method+", "integrated_gradients", "--method+", "occlusion"]
