@@ -14,6 +14,7 @@ from _tiny import ARCHS, tiny_lm
 from tokattr.accuracy import greedy_answers
 from tokattr.attribute_cli import attribute_command
 from tokattr.attribution import Attribution, attribute
+from tokattr.batching import collate, encode_example
 from tokattr.methods import METHODS
 from tokattr.targets import log_prob
 
@@ -106,10 +107,15 @@ def test_one_prompt_in_a_batch_uses_the_others_forwards():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
-def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch):
+def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, monkeypatch):
     """With the built-in target, occlusion re-runs a perturbed sequence only from the removed
-    token on (the earlier columns' keys and values come from the unperturbed pass)."""
+    token on (the earlier columns' keys and values come from the unperturbed pass). Rows too
+    long to pack as trees take this path; here every row does."""
+    from tokattr.attribution import supports_branches
+
+    monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)
     lm = tiny_lm(arch)
+    supports_branches(lm, log_prob)  # its one-off probe pass, before the hook
     prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
     answers = [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]]
     widths = []
@@ -130,6 +136,92 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch):
     assert sum(w[0] for w in widths[1:]) == sum(len(r.tokens) for r in reused)
     assert all(w[1] < full for w in widths[1:])  # every later pass starts after column 0
     assert sum(w[0] * w[1] for w in widths[1:]) < 0.75 * full * sum(w[0] for w in widths[1:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_occlusion_packs_each_prompt_with_its_perturbations(arch):
+    """Short prompts go as trees: each row and its perturbations from the removed token on are
+    packed into one sequence (tree attention), the shared columns computed once: the same
+    scores as full passes from far fewer tokens, and counted as one evaluation per sequence."""
+    from tokattr.attribution import supports_branches
+
+    lm = tiny_lm(arch)
+    assert supports_branches(lm, log_prob)  # probed once, before the hook
+    prompts = [SHORT, OTHERS[0][0], OTHERS[1][0], OTHERS[2][0]]
+    answers = [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1], OTHERS[2][1]]
+    shapes = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(
+            (kwargs["inputs_embeds"].shape, kwargs["attention_mask"].dim())
+        ),
+        with_kwargs=True,
+    )
+    try:
+        packed = run(lm, prompts, "occlusion", answers, batch_size=64)
+    finally:
+        hook.remove()
+    plain = run(lm, prompts, "occlusion", answers, batch_size=64, prefix_reuse=False)
+    for a, b in zip(packed, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
+        assert a.model_evals == b.model_evals == len(a.tokens) + 1
+    assert len(shapes) == 1 and shapes[0][1] == 4  # one pass, a custom 4-D mask
+    tokens = shapes[0][0][0] * shapes[0][0][1]
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    width = collate(lm.tokenizer, examples).input_ids.shape[1]
+    full = sum((len(r.tokens) + 1) * width for r in packed)  # (n + 1) full passes per row
+    assert tokens < 0.6 * full
+
+
+def test_occlusion_mixes_packed_and_cached_rows(monkeypatch):
+    """Rows over the packing limit take key/value-cache passes, the others go packed: the
+    same scores either way, each row once."""
+    from tokattr.methods import occlusion
+
+    lm = tiny_lm("llama")
+    prompts = ["123456789+987654321=", SHORT, OTHERS[1][0]]
+    answers = ["1111111110", SHORT_ANSWER, OTHERS[1][1]]
+    plain = run(lm, prompts, "occlusion", answers, prefix_reuse=False)
+    cached = []
+    real = occlusion._with_cache
+
+    def counting(problem, rows, columns):
+        cached.append(problem.n_rows)
+        return real(problem, rows, columns)
+
+    monkeypatch.setattr(occlusion, "_with_cache", counting)
+    monkeypatch.setattr(occlusion, "PACK_LIMIT", 100)  # the first prompt's tree is longer
+    mixed = run(lm, prompts, "occlusion", answers)
+    assert cached == [1]
+    for a, b in zip(mixed, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert a.model_evals == len(a.tokens) + 1
+
+
+def test_packing_falls_back_where_the_model_ignores_the_mask():
+    """A model that drops a custom 4-D attention mask gives different scores packed: the probe
+    sees it and occlusion keeps to key/value-cache passes, with the right scores."""
+    from transformers import LlamaForCausalLM
+
+    from tokattr.attribution import supports_branches, supports_prefix
+    from tokattr.models import LanguageModel
+
+    class IgnoresMask(LlamaForCausalLM):
+        def forward(self, *args, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = None  # a plain causal mask over the packed order
+            return super().forward(*args, attention_mask=attention_mask, **kwargs)
+
+    base = tiny_lm("llama")
+    model = IgnoresMask(base.model.config).eval()
+    model.load_state_dict(base.model.state_dict())
+    lm = LanguageModel(model, base.tokenizer, "ignores-mask", None)
+    assert supports_prefix(lm, log_prob) and not supports_branches(lm, log_prob)
+    prompts, answers = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    reused = run(lm, prompts, "occlusion", answers)
+    plain = run(base, prompts, "occlusion", answers, prefix_reuse=False)
+    for a, b in zip(reused, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
 
 
 def test_default_target_is_the_greedy_answer():

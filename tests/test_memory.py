@@ -108,3 +108,51 @@ def test_attribution_survives_out_of_memory_passes():
     want = attribute(lm, PROMPTS, "integrated_gradients", batch_size=4, **kw)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
+    """Occlusion's packed trees (a prompt with its perturbations in one sequence): a pass holds
+    no more than the memory of the budget's full sequences, by the same estimate; a packed pass
+    that runs out of memory is split, and the scores stay the same."""
+    from tokattr import targets
+    from tokattr.memory import packed_rows_per_pass
+
+    lm = tiny_lm("llama")
+    shape = ModelShape.of(lm.model)
+    prompts = PROMPTS * 4  # 12 trees of three sizes
+    answers = ANSWERS * 4
+    encoded = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    batch = collate(lm.tokenizer, encoded)
+    seq, scored = batch.input_ids.shape[1], batch.input_ids.shape[1] - batch.prompt_width + 1
+    budget = 6 * bytes_per_sequence(shape, seq, False, scored)
+    passes = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kw: passes.append(
+            (*kw["inputs_embeds"].shape[:2], kw["logits_to_keep"], kw["attention_mask"].dim())
+        ),
+        with_kwargs=True,
+    )
+    try:
+        got = attribute(lm, prompts, "occlusion", target=answers, memory_budget=budget)
+    finally:
+        hook.remove()
+    packed = [p[:3] for p in passes if p[3] == 4]
+    assert len(packed) > 1
+    n = sequences_per_pass(lm.model, seq, False, budget, scored)
+    for rows, width, keep in packed:
+        assert rows <= packed_rows_per_pass(shape, n, seq, scored, width, keep)
+        per_row = bytes_per_sequence(shape, width, False, keep) + width * width * 4
+        assert rows == 1 or rows * per_row <= n * bytes_per_sequence(shape, seq, False, scored)
+
+    real = targets._packed_score_columns
+
+    def fragile(model, embeds, *args):
+        if args[-1].packing is not None and len(set(args[-1].packing.tolist())) > 1:
+            raise torch.OutOfMemoryError("fake: more than one packed sequence")
+        return real(model, embeds, *args)
+
+    monkeypatch.setattr(targets, "_packed_score_columns", fragile)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        split = attribute(lm, prompts, "occlusion", target=answers, batch_size=64)
+    for a, b in zip(split, got, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)

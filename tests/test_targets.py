@@ -171,3 +171,78 @@ def test_log_prob_needs_an_answer_token():
     embeds = lm.model.get_input_embeddings()(batch.input_ids)
     with pytest.raises(ValueError, match="no answer token"):
         log_prob(lm.model, embeds, empty)
+
+
+def _branched(lm, per_answer_token=False):
+    """The padded batch of PROMPTS, and two branches per row: the row with its first feature,
+    and with its last prompt token, replaced by a random vector (branch points at both ends
+    of the prompt)."""
+    from tokattr.targets import Branches
+
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    batch = collate(lm.tokenizer, examples)
+    inputs = target_inputs(batch, per_answer_token)
+    embeds = lm.model.get_input_embeddings()(batch.input_ids[inputs.example_index]).detach()
+    n = embeds.shape[0]
+    feats = batch.feature_mask[inputs.example_index]
+    cols = torch.arange(feats.shape[1])
+    first = torch.where(feats, cols, 99).min(-1).values
+    last = torch.where(feats, cols, -1).max(-1).values
+    rows = torch.arange(n).repeat(2)
+    start = torch.cat([first, last])
+    gen = torch.Generator().manual_seed(0)
+    copies = embeds[rows].clone()
+    copies[torch.arange(2 * n), start] = torch.randn(2 * n, embeds.shape[-1], generator=gen)
+    return embeds, inputs, Branches(rows, start, copies), copies
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("target", ["log_prob", "prob", "logit"])
+def test_branches_score_as_separate_sequences(arch, target):
+    """A packed pass (each row with its branches, tree attention) gives the rows' and the
+    branches' scores as separate full-sequence passes do, rows of unlike lengths padded on both
+    sides, one row per answer token too."""
+    lm = tiny_lm(arch)
+    for per_answer_token in (False, True):
+        embeds, inputs, branches, copies = _branched(lm, per_answer_token)
+        fn = TARGETS[target]
+        with torch.no_grad():
+            packed = fn(lm.model, embeds, inputs, branches=branches)
+            rows = fn(lm.model, embeds, inputs)
+            apart = fn(lm.model, copies, inputs.select(branches.rows))
+        n = embeds.shape[0]
+        assert packed.shape == (n + len(branches.rows),)
+        torch.testing.assert_close(packed[:n], rows, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packed[n:], apart, atol=1e-5, rtol=1e-4)
+
+
+def test_branches_packing_and_errors():
+    """Trees share packed sequences by first-fit decreasing, or as the caller packs them; the
+    result does not depend on the packing. A branch that starts in the answer is refused."""
+    from dataclasses import replace
+
+    from tokattr.targets import first_fit_trees
+
+    assert first_fit_trees([5, 3, 2, 4, 1]) == [0, 2, 2, 1, 1]  # 5 | 4+1 | 3+2
+    assert first_fit_trees([5, 3, 2], width=10) == [0, 0, 0]
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit_trees([5, 3], width=4)
+    lm = tiny_lm("llama")
+    embeds, inputs, branches, _ = _branched(lm)
+    shapes = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            default = log_prob(lm.model, embeds, inputs, branches=branches)
+            alone = replace(branches, packing=torch.arange(embeds.shape[0]))
+            each = log_prob(lm.model, embeds, inputs, branches=alone)
+    finally:
+        hook.remove()
+    assert shapes[0][0] < embeds.shape[0] == shapes[1][0]  # shared sequences, then one each
+    torch.testing.assert_close(default, each, atol=1e-5, rtol=1e-5)
+    late = replace(branches, start=inputs.score_mask.long().argmax(-1).repeat(2))
+    with pytest.raises(ValueError, match="before the first scored column"):
+        log_prob(lm.model, embeds, inputs, branches=late)

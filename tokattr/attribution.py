@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -12,16 +13,18 @@ import torch
 from torch import Tensor
 
 from tokattr.batching import TokenBatch, collate, encode_example
-from tokattr.memory import sequences_per_pass
+from tokattr.memory import ModelShape, sequences_per_pass
 from tokattr.methods import METHODS
 from tokattr.methods.problem import AttributionProblem, Method, chunked
 from tokattr.models import LanguageModel
 from tokattr.targets import (
     PREFIX_TARGETS,
     TARGETS,
+    Branches,
     Prefix,
     TargetFunction,
     TargetInputs,
+    answer_log_probs,
     contrast,
     target_inputs,
 )
@@ -237,9 +240,16 @@ def _attribute_batch(
     evals = torch.zeros(n_examples, dtype=torch.long)
     millis = torch.zeros(n_examples, dtype=torch.float64)
 
-    def forward(x: Tensor, rows: TargetInputs, past: Prefix | None = None) -> Tensor:
-        evals.add_(passes * torch.bincount(rows.example_index.cpu(), minlength=n_examples))
-        return fn(model, x, rows) if past is None else fn(model, x, rows, past=past)
+    def forward(
+        x: Tensor, rows: TargetInputs, past: Prefix | None = None, branches: Branches | None = None
+    ) -> Tensor:
+        seqs = rows.example_index
+        if branches is not None:  # each branch is a sequence of its row's example
+            seqs = torch.cat([seqs, seqs[branches.rows.to(seqs.device)]])
+        evals.add_(passes * torch.bincount(seqs.cpu(), minlength=n_examples))
+        if past is None and branches is None:
+            return fn(model, x, rows)
+        return fn(model, x, rows, past=past, branches=branches)
 
     batch_size, grad_batch_size = sizes
     row_scores, row_delta, row_fx = [], [], []
@@ -254,6 +264,8 @@ def _attribute_batch(
             seeds=tuple(seeds[b] for b in row_of[rows].tolist()),
             grad_batch_size=grad_batch_size,
             prefix_ok=supports_prefix(lm, fn),
+            branches_ok=supports_branches(lm, fn),
+            shape=ModelShape.of(model),
         )
         t0 = time.perf_counter()
         out = runner.attribute(problem)
@@ -361,6 +373,55 @@ def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     if callable(check):
         return bool(check())
     return bool(getattr(model, "_supports_cache_class", False))
+
+
+_BRANCHES_OK: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def supports_branches(lm: LanguageModel, fn: TargetFunction) -> bool:
+    """Whether ``fn`` on this model can score packed trees (:class:`~tokattr.targets.Branches`):
+    where :func:`supports_prefix` holds, with eager or SDPA attention (which take a custom 4-D
+    mask), and where the model gives the same scores packed as apart on a small probe (run
+    once per model), so a model that ignores the mask or the position ids falls back to
+    key/value-cache passes instead of giving wrong scores."""
+    if not supports_prefix(lm, fn):
+        return False
+    if getattr(lm.model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    if lm.model not in _BRANCHES_OK:
+        _BRANCHES_OK[lm.model] = _packs_exactly(lm.model)
+    return _BRANCHES_OK[lm.model]
+
+
+@torch.no_grad()
+def _packs_exactly(model: torch.nn.Module) -> bool:
+    """A 6-token sequence and a copy of it that differs from column 1 on: the same log-probs of
+    the last 3 tokens packed as apart (to the dtype's tolerance)."""
+    device = next(model.parameters()).device
+    embedding = model.get_input_embeddings()
+    ids = (torch.arange(6, device=device) % embedding.num_embeddings)[None]  # [1, 6]
+    x = embedding(ids)  # [1, 6, d_model]
+    branch = x.clone()
+    branch[0, 1] = 0.0
+    score = torch.zeros(1, 6, dtype=torch.bool, device=device)
+    score[0, 3:] = True
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    inputs = TargetInputs(
+        attention_mask=torch.ones_like(ids),
+        position_ids=torch.arange(6, device=device)[None],
+        labels=ids,
+        score_mask=score,
+        slot_mask=score,
+        example_index=one,
+    )
+    apart = answer_log_probs(
+        model, torch.cat([x, branch]), *inputs.select(torch.cat([one, one])).as_tuple()[:4]
+    )
+    together = answer_log_probs(
+        model, x, *inputs.as_tuple()[:4], branches=Branches(one, one + 1, branch)
+    )
+    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+    return bool(torch.allclose(together, apart, rtol=tol, atol=tol))
 
 
 def embeddings_and_baselines(

@@ -81,6 +81,18 @@ def bytes_per_sequence(shape: ModelShape, seq: int, grad: bool, scored: int | No
     return seq * per_token + logits
 
 
+def packed_rows_per_pass(
+    shape: ModelShape, batch_size: int, seq: int, scored: int, width: int, keep: int
+) -> int:
+    """How many packed sequences of ``width`` tokens (``keep`` of them scored, plus a
+    ``width x width`` attention mask) go in one pass so that it uses no more memory than
+    ``batch_size`` sequences of ``seq`` tokens (``scored`` of them scored) would, by
+    :func:`bytes_per_sequence`; 0 where not even one fits."""
+    full = batch_size * bytes_per_sequence(shape, seq, False, scored)
+    packed = bytes_per_sequence(shape, width, False, keep) + width * width * shape.bytes_per_value
+    return full // packed
+
+
 def default_budget(device: torch.device) -> int:
     """60% of the free memory on a CUDA device; on a CPU a quarter of the available RAM, at
     most 4 GiB."""

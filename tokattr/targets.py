@@ -114,6 +114,172 @@ class Prefix:
     offset: int
 
 
+@dataclass(frozen=True)
+class Branches:
+    """Copies of some rows that differ from their row from a column on, scored in the same
+    forward pass as the rows: a target called with ``branches=`` returns the rows' scores, then
+    the branches' (``[batch + n]``).
+
+    Each row and its branches are packed into one sequence whose attention mask lets a branch
+    token see its own earlier tokens and its row's tokens before the branch point, with each
+    token at its own position id (tree attention: Miao et al., "SpecInfer", ASPLOS 2024; Cai
+    et al., "Medusa", ICML 2024). The columns a branch shares with its row are computed once;
+    so is the row's last column, whose logits score nothing, never. Packed sequences are laid
+    out as ``[prefix tokens of every sequence, padding, scored tokens of every sequence]`` so
+    one ``logits_to_keep`` covers the scored tokens of all of them; short trees share a packed
+    sequence (``packing``, by default :func:`first_fit_trees`).
+    """
+
+    rows: Tensor  # [n] the row (of the call's embeds) each branch copies
+    start: Tensor  # [n] first column where it differs; at most the row's first scored column - 1
+    embeds: Tensor  # [n, seq, d_model] the branch's embeddings (columns before start not read)
+    packing: Tensor | None = None  # [batch] packed sequence of each row (None: first_fit_trees)
+
+
+def tree_sizes(
+    inputs: TargetInputs, rows: Tensor, start: Tensor, branch_rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Tokens of each row's packed tree (the row plus its branches, :class:`Branches`), and how
+    many of them are scored, where ``branch_rows``/``start`` ``[n]`` are the branches' rows
+    (positions in ``rows``) and first changed columns. ``[len(rows)]`` each"""
+    first, last = _scored_span(inputs.score_mask[rows])
+    left = inputs.attention_mask[rows].long().argmax(-1)
+    size = (last - left).index_add(0, branch_rows, last[branch_rows] - start)
+    segments = torch.ones_like(size).index_add(0, branch_rows, torch.ones_like(start))
+    return size, segments * (last - first + 1)
+
+
+def _scored_span(score_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's first and last scored column. ``[batch]`` each"""
+    if not score_mask.any(-1).all():
+        raise ValueError("no answer token to score")
+    cols = torch.arange(score_mask.shape[1], device=score_mask.device)
+    first = torch.where(score_mask, cols, score_mask.shape[1]).min(-1).values
+    last = torch.where(score_mask, cols, -1).max(-1).values
+    return first, last
+
+
+def first_fit_trees(sizes: list[int], width: int | None = None) -> list[int]:
+    """First-fit decreasing (Johnson, "Near-optimal bin packing algorithms", MIT 1973): the
+    packed sequence of each tree of ``sizes`` tokens, sequences of ``width`` tokens (default:
+    the largest tree's)."""
+    capacity = max(sizes) if width is None else width
+    if max(sizes) > capacity:
+        raise ValueError(f"a tree of {max(sizes)} tokens does not fit in {capacity}")
+    room: list[int] = []
+    bin_of = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        b = next((b for b, r in enumerate(room) if r >= sizes[i]), len(room))
+        if b == len(room):
+            room.append(capacity)
+        room[b] -= sizes[i]
+        bin_of[i] = b
+    return bin_of
+
+
+def _packed_score_columns(
+    model: nn.Module,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    score_mask: Tensor,
+    branches: Branches,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_score_columns` for the rows and their branches in one packed pass (see
+    :class:`Branches`). ``[batch + n, k]`` each, ``k`` = columns from the first scored one on."""
+    device = embeds.device
+    n_rows, seq = labels.shape
+    first, last = _scored_span(score_mask)  # [batch] each
+    k = seq - int(first.min())
+    left = attention_mask.long().argmax(-1)  # [batch] first attended column
+    b_rows = branches.rows.to(device)
+    b_start = branches.start.to(device)
+    if ((b_start >= first[b_rows]) | (b_start < left[b_rows])).any():
+        raise ValueError("a branch must start in its row's prompt, before the first scored column")
+    # Segments: the rows, then the branches. A segment runs its columns start .. last - 1.
+    seg_row = torch.cat([torch.arange(n_rows, device=device), b_rows])  # [S]
+    seg_start = torch.cat([left, b_start])  # [S]
+    seg_len = last[seg_row] - seg_start  # [S]
+    n_seg = len(seg_row)
+    # Bin-pack the trees (a row with its branches) into packed sequences.
+    tree_size = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(0, seg_row, seg_len)
+    if branches.packing is None:
+        bin_of_row = torch.tensor(first_fit_trees(tree_size.tolist()), device=device)
+    else:
+        bin_of_row = torch.unique(branches.packing.to(device), return_inverse=True)[1]
+    n_bins = int(bin_of_row.max()) + 1
+    # Tokens, segment by segment.
+    tok_seg = torch.repeat_interleave(torch.arange(n_seg, device=device), seg_len)  # [N]
+    seg_first_tok = torch.cumsum(seg_len, 0) - seg_len
+    within = torch.arange(len(tok_seg), device=device) - seg_first_tok[tok_seg]
+    tok_col = seg_start[tok_seg] + within
+    tok_row = seg_row[tok_seg]
+    tok_tail = tok_col >= first[tok_row] - 1  # its logits score a token
+    # Place tokens: in each packed sequence, prefix tokens from the left, scored ones at the end.
+    group = bin_of_row[tok_row] * 2 + tok_tail.long()  # [N]
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=2 * n_bins)  # [2 * bins]
+    body_n, tail_n = counts[0::2], counts[1::2]
+    width = int((body_n + tail_n).max())
+    keep = int(tail_n.max())
+    rank = torch.empty_like(order)
+    rank[order] = (
+        torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[group[order]]
+    )
+    tok_bin = bin_of_row[tok_row]
+    pos = torch.where(tok_tail, width - tail_n[tok_bin] + rank, rank)  # [N]
+    # Packed inputs.
+    is_branch = tok_seg >= n_rows
+    vec = torch.empty(len(tok_seg), embeds.shape[-1], dtype=embeds.dtype, device=device)
+    vec[~is_branch] = embeds[tok_row[~is_branch], tok_col[~is_branch]]
+    b_idx = tok_seg[is_branch] - n_rows
+    vec[is_branch] = branches.embeds[b_idx, tok_col[is_branch]].to(embeds.dtype)
+    x = torch.zeros(n_bins, width, embeds.shape[-1], dtype=embeds.dtype, device=device)
+    x[tok_bin, pos] = vec
+    positions = torch.zeros(n_bins, width, dtype=position_ids.dtype, device=device)
+    positions[tok_bin, pos] = position_ids[tok_row, tok_col]
+
+    def packed(values: Tensor, fill: int) -> Tensor:
+        out = torch.full((n_bins, width), fill, dtype=values.dtype, device=device)
+        out[tok_bin, pos] = values
+        return out
+
+    p_row, p_seg = packed(tok_row, -1), packed(tok_seg, -1)  # [bins, width]
+    p_col, p_start = packed(tok_col, 0), packed(seg_start[tok_seg], 0)
+    p_trunk = packed((~is_branch).long(), 0).bool()
+    # A query (segment g, column j) sees a key (g', j') of its own tree with j' <= j, from its
+    # own segment or from the row's before g's start. Padding sees itself only.
+    q, kk = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    ok = (p_row[q] == p_row[kk]) & (p_row[kk] >= 0) & (p_col[kk] <= p_col[q])
+    ok &= (p_seg[q] == p_seg[kk]) | (p_trunk[kk] & (p_col[kk] < p_start[q]))
+    ok |= torch.eye(width, dtype=torch.bool, device=device)
+    mask = torch.zeros(ok.shape, dtype=embeds.dtype, device=device)
+    mask.masked_fill_(~ok, torch.finfo(embeds.dtype).min)
+    kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+    out = model(
+        inputs_embeds=x,
+        attention_mask=mask[:, None],
+        position_ids=positions,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -keep:]  # [bins, keep, vocab]
+    tail = tok_tail.nonzero().squeeze(-1)  # [T]
+    tok_logits = logits[tok_bin[tail], pos[tail] - (width - keep)].float()  # [T, vocab]
+    target = labels[tok_row[tail], tok_col[tail] + 1]  # [T]
+    chosen = tok_logits.gather(-1, target[:, None]).squeeze(-1)  # [T]
+    logp = chosen - tok_logits.logsumexp(-1)
+    slot = tok_seg[tail] * k + tok_col[tail] + 1 - (seq - k)  # into [S, k]
+    scored = score_mask[tok_row[tail], tok_col[tail] + 1]
+    zero = torch.zeros((), dtype=logp.dtype, device=device)
+    token_logp = torch.zeros(n_seg * k, dtype=logp.dtype, device=device)
+    token_logits = torch.zeros(n_seg * k, dtype=logp.dtype, device=device)
+    token_logp[slot] = torch.where(scored, logp, zero)
+    token_logits[slot] = torch.where(scored, chosen, zero)
+    return token_logp.view(n_seg, k), token_logits.view(n_seg, k)
+
+
 def prefix_cache(
     states: Sequence[tuple[Tensor, Tensor]], rows: Tensor, offset: int, start: int = 0
 ) -> Cache:
@@ -130,7 +296,8 @@ def cache_states(cache: Cache) -> list[tuple[Tensor, Tensor]]:
 
 
 PREFIX_TARGETS: set[Callable] = set()
-"""Target functions that take ``past=`` (:class:`Prefix`); filled below."""
+"""Target functions that take ``past=`` (:class:`Prefix`) and ``branches=`` (:class:`Branches`);
+filled below."""
 
 
 @cache
@@ -146,6 +313,7 @@ def answer_log_probs(
     labels: Tensor,
     score_mask: Tensor,
     past: Prefix | None = None,
+    branches: Branches | None = None,
 ) -> Tensor:
     """Teacher-forced log-probabilities of the scored tokens, 0 elsewhere.
 
@@ -154,13 +322,15 @@ def answer_log_probs(
         attention_mask, position_ids, labels: ``[batch, seq]``.
         score_mask: ``[batch, seq]`` bool, the tokens to score (never column 0).
         past: the first columns' key/value states (:class:`Prefix`); ``None``: run them all.
+        branches: copies of rows that differ from a column on, scored in the same pass
+            (:class:`Branches`); their rows of the result follow the batch's.
 
     Returns:
-        ``[batch, k]`` log p of the token at each of the last ``k`` columns (``k`` covers every
-        scored column), 0 where ``score_mask`` is False.
+        ``[batch, k]`` (``[batch + n, k]`` with ``branches``) log p of the token at each of the
+        last ``k`` columns (``k`` covers every scored column), 0 where ``score_mask`` is False.
     """
     token_logp, _ = _score_columns(
-        model, embeds, attention_mask, position_ids, labels, score_mask, past
+        model, embeds, attention_mask, position_ids, labels, score_mask, past, branches
     )
     return token_logp
 
@@ -173,7 +343,14 @@ def _score_columns(
     labels: Tensor,
     score_mask: Tensor,
     past: Prefix | None = None,
+    branches: Branches | None = None,
 ) -> tuple[Tensor, Tensor]:
+    if branches is not None:
+        if past is not None:
+            raise ValueError("a call takes a key/value prefix or branches, not both")
+        return _packed_score_columns(
+            model, embeds, attention_mask, position_ids, labels, score_mask, branches
+        )
     seq = embeds.shape[1]
     scored_cols = score_mask.any(0).nonzero()
     if scored_cols.numel() == 0:
@@ -206,9 +383,14 @@ def _score_columns(
 
 
 def log_prob(
-    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+    model: nn.Module,
+    embeds: Tensor,
+    inputs: TargetInputs,
+    past: Prefix | None = None,
+    branches: Branches | None = None,
 ) -> Tensor:
-    """Sum over scored answer tokens of ``log p(token | prompt, earlier answer tokens)``. [batch]"""
+    """Sum over scored answer tokens of ``log p(token | prompt, earlier answer tokens)``.
+    [batch] ([batch + n] with ``branches``)"""
     token_logp = answer_log_probs(
         model,
         embeds,
@@ -217,24 +399,40 @@ def log_prob(
         inputs.labels,
         inputs.score_mask,
         past,
+        branches,
     )
     return token_logp.sum(-1)  # [batch]
 
 
 def prob(
-    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+    model: nn.Module,
+    embeds: Tensor,
+    inputs: TargetInputs,
+    past: Prefix | None = None,
+    branches: Branches | None = None,
 ) -> Tensor:
     """Probability of the scored answer tokens, ``exp(log_prob)``. [batch]"""
-    return log_prob(model, embeds, inputs, past).exp()
+    return log_prob(model, embeds, inputs, past, branches).exp()
 
 
 def logit(
-    model: nn.Module, embeds: Tensor, inputs: TargetInputs, past: Prefix | None = None
+    model: nn.Module,
+    embeds: Tensor,
+    inputs: TargetInputs,
+    past: Prefix | None = None,
+    branches: Branches | None = None,
 ) -> Tensor:
     """Raw logit of the first scored answer token (no softmax). [batch]"""
     first_only = inputs.score_mask & (inputs.score_mask.long().cumsum(-1) == 1)  # [batch, seq]
     _, token_logits = _score_columns(
-        model, embeds, inputs.attention_mask, inputs.position_ids, inputs.labels, first_only, past
+        model,
+        embeds,
+        inputs.attention_mask,
+        inputs.position_ids,
+        inputs.labels,
+        first_only,
+        past,
+        branches,
     )
     return token_logits.sum(-1)  # [batch] one non-zero term per row
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import captum.attr
 import torch
 from torch import Tensor
 
+from tokattr.memory import packed_rows_per_pass
 from tokattr.methods.problem import AttributionProblem, MethodOutput, chunked
-from tokattr.targets import Prefix, prefix_cache
+from tokattr.targets import Branches, Prefix, first_fit_trees, prefix_cache, tree_sizes
 
 
 class Occlusion:
@@ -56,7 +59,7 @@ class Occlusion:
         slots = torch.arange(n_max, device=device)[None]  # [1, n_max]
         rows, slot = (slots < problem.n_features[:, None]).nonzero(as_tuple=True)  # [P] each
         if self.prefix_reuse and problem.prefix_ok:
-            fx, removed = self._with_prefix(problem, rows, problem.feature_columns()[rows, slot])
+            fx, removed = _sharing_prefixes(problem, rows, problem.feature_columns()[rows, slot])
         else:
             # One pass over every perturbation of every row, plus each row unperturbed.
             keep = torch.ones(len(rows) + problem.n_rows, n_max, dtype=torch.bool, device=device)
@@ -67,41 +70,6 @@ class Occlusion:
         values = torch.zeros(problem.n_rows, n_max, dtype=torch.float64, device=device)
         values[rows, slot] = fx[rows].double() - removed.double()
         return MethodOutput(problem.scatter(values), fx=fx)
-
-    @staticmethod
-    def _with_prefix(
-        problem: AttributionProblem, rows: Tensor, columns: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``f(x)`` per row and ``f(x without column c)`` per perturbation, re-running each
-        perturbed sequence only from its first changed column: the earlier columns' key/value
-        states come from the unperturbed pass. Perturbations go in column order, in bands of
-        like columns (:func:`_bands`), so a pass's shared prefix is close to each of its
-        sequences' own."""
-        fx, states = problem.states()
-        order = torch.argsort(columns, stable=True)
-        rows_s, cols_s = rows[order], columns[order]
-
-        def run(i: int, j: int) -> Tensor:
-            r, c = rows_s[i:j], cols_s[i:j]
-            cols = problem.trim(r)  # cols.start <= offset: the left padding ends first
-            offset = int(c.min())
-            x = problem.embeds[r].clone()  # [chunk, seq, d_model]
-            at = torch.arange(len(r), device=x.device)
-            x[at, c] = problem.baselines[r, c]
-            past = Prefix(prefix_cache(states, r, offset, cols.start), offset - cols.start)
-            with torch.no_grad():
-                return problem.forward(x[:, cols], problem.inputs.select(r, cols), past=past)
-
-        removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
-        parts: list[Tensor] = []
-        seq = problem.embeds.shape[1]
-        need = seq - cols_s  # columns each perturbation re-runs
-        for start, stop in _bands(need):
-            # A pass's memory and time go with its tokens: shorter sequences, more per pass.
-            size = max(problem.batch_size, problem.batch_size * seq // int(need[start]))
-            parts += chunked(stop - start, size, lambda i, j, s=start: run(s + i, s + j))
-        removed[order] = torch.cat(parts)
-        return fx, removed
 
     def _windows(self, problem: AttributionProblem) -> MethodOutput:
         n_features = problem.n_features.tolist()
@@ -117,6 +85,124 @@ class Occlusion:
             )  # [1, n]
             values[b, :n] = attr[0].float().cpu()
         return MethodOutput(problem.scatter(values.to(problem.embeds.device)))
+
+
+PACK_LIMIT = 512
+"""Most tokens in one row's packed tree (the row plus its perturbations from the removed token
+on, :class:`~tokattr.targets.Branches`). A packed pass attends over the whole packed sequence,
+so past this the key/value-cache passes (:func:`_with_cache`) cost less."""
+
+
+def _sharing_prefixes(
+    problem: AttributionProblem, rows: Tensor, columns: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``f(x)`` per row and ``f(x without column c)`` per perturbation (``rows``, ``columns``
+    ``[P]``), computing each row's columns before a removed token once for all its
+    perturbations. Rows whose tree is short go packed (:class:`~tokattr.targets.Branches`),
+    the others through key/value-cache passes (:func:`_with_cache`)."""
+    device = problem.embeds.device
+    fx = torch.empty(problem.n_rows, device=device)
+    removed = torch.empty(len(rows), device=device)
+    every = torch.arange(problem.n_rows, device=device)
+    size, scored = tree_sizes(problem.inputs, every, columns, rows)  # [batch] each
+    per_pass = _packed_rows_per_pass(problem)
+    fits = [per_pass(n, k) > 0 for n, k in zip(size.tolist(), scored.tolist(), strict=True)]
+    packed = problem.branches_ok & (size <= PACK_LIMIT) & torch.tensor(fits, device=device)
+    if not packed.all():
+        cached = (~packed).nonzero().squeeze(-1)  # [m] rows
+        where = torch.full((problem.n_rows,), -1, dtype=torch.long, device=device)
+        where[cached] = torch.arange(len(cached), device=device)
+        mine = where[rows] >= 0
+        f_sub, r_sub = _with_cache(problem.select(cached), where[rows[mine]], columns[mine])
+        fx[cached] = f_sub.to(fx.dtype)
+        removed[mine] = r_sub.to(removed.dtype)
+    trees = packed.nonzero().squeeze(-1).tolist()
+    if not trees:
+        return fx, removed
+    # Trees into packed sequences of the largest one's width; as many sequences per pass as
+    # take the memory of batch_size full sequences.
+    width = int(size[trees].max())
+    bin_of = first_fit_trees(size[trees].tolist(), width)
+    keep = torch.zeros(max(bin_of) + 1, dtype=torch.long)
+    keep.index_add_(0, torch.tensor(bin_of), scored[trees].cpu())
+    n_bins = max(1, per_pass(width, int(keep.max())))
+    groups: dict[int, list[int]] = {}
+    for r, b in zip(trees, bin_of, strict=True):
+        groups.setdefault(b // n_bins, []).append(r)
+    bins = dict(zip(trees, bin_of, strict=True))
+
+    for group in groups.values():
+
+        def run(i: int, j: int, group: list[int] = group) -> None:
+            r = torch.tensor(group[i:j], device=device)
+            cols = problem.trim(r)
+            mine = (rows[:, None] == r[None]).any(-1).nonzero().squeeze(-1)  # their perturbations
+            at = (rows[mine, None] == r[None]).long().argmax(-1)  # their rows' positions in r
+            x = problem.embeds[r][:, cols]
+            c = columns[mine] - cols.start
+            branch = x[at].clone()
+            base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]
+            branch[torch.arange(len(mine), device=device), c] = base
+            packing = torch.tensor([bins[t] for t in group[i:j]], device=device)
+            with torch.no_grad():
+                f = problem.forward(
+                    x, problem.inputs.select(r, cols), branches=Branches(at, c, branch, packing)
+                )
+            fx[r] = f[: len(r)].to(fx.dtype)
+            removed[mine] = f[len(r) :].to(removed.dtype)
+
+        chunked(len(group), len(group), run)  # split on out-of-memory
+    return fx, removed
+
+
+def _packed_rows_per_pass(problem: AttributionProblem) -> Callable[[int, int], int]:
+    """``(width, scored) -> n``: the most packed sequences of ``width`` tokens, ``scored`` of them
+    scored, in a pass that takes no more memory than ``batch_size`` full sequences (by
+    :func:`tokattr.memory.packed_rows_per_pass`; by tokens where the model's shape is not
+    known); 0 where not even one fits."""
+    seq = problem.embeds.shape[1]
+    if problem.shape is None:
+        return lambda width, scored: problem.batch_size * seq // width
+    first = int(problem.inputs.score_mask.any(0).nonzero().min())
+    shape, batch_size = problem.shape, problem.batch_size
+    return lambda width, scored: packed_rows_per_pass(
+        shape, batch_size, seq, seq - first + 1, width, scored
+    )
+
+
+def _with_cache(
+    problem: AttributionProblem, rows: Tensor, columns: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``f(x)`` per row and ``f(x without column c)`` per perturbation, re-running each
+    perturbed sequence only from its first changed column: the earlier columns' key/value
+    states come from the unperturbed pass. Perturbations go in column order, in bands of
+    like columns (:func:`_bands`), so a pass's shared prefix is close to each of its
+    sequences' own."""
+    fx, states = problem.states()
+    order = torch.argsort(columns, stable=True)
+    rows_s, cols_s = rows[order], columns[order]
+
+    def run(i: int, j: int) -> Tensor:
+        r, c = rows_s[i:j], cols_s[i:j]
+        cols = problem.trim(r)  # cols.start <= offset: the left padding ends first
+        offset = int(c.min())
+        x = problem.embeds[r].clone()  # [chunk, seq, d_model]
+        at = torch.arange(len(r), device=x.device)
+        x[at, c] = problem.baselines[r, c]
+        past = Prefix(prefix_cache(states, r, offset, cols.start), offset - cols.start)
+        with torch.no_grad():
+            return problem.forward(x[:, cols], problem.inputs.select(r, cols), past=past)
+
+    removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
+    parts: list[Tensor] = []
+    seq = problem.embeds.shape[1]
+    need = seq - cols_s  # columns each perturbation re-runs
+    for start, stop in _bands(need):
+        # A pass's memory and time go with its tokens: shorter sequences, more per pass.
+        size = max(problem.batch_size, problem.batch_size * seq // int(need[start]))
+        parts += chunked(stop - start, size, lambda i, j, s=start: run(s + i, s + j))
+    removed[order] = torch.cat(parts)
+    return fx, removed
 
 
 BAND_SLACK = 1.3

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from tokattr.memory import ModelShape
 from tokattr.targets import Prefix, TargetInputs, cache_states
 
 T = TypeVar("T")
@@ -31,7 +32,9 @@ Forward = Callable[..., Tensor]
 """``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``; where the problem
 has ``prefix_ok``, also ``(embeds, inputs, past=Prefix(cache, offset))``: the columns before
 ``offset`` are read from the key/value cache (:class:`tokattr.targets.Prefix`) and not
-recomputed."""
+recomputed; where it has ``branches_ok``, also ``(embeds, inputs, branches=Branches(...))`` ->
+``[rows + branches]``: copies of rows that differ from a column on, packed with their rows
+into one pass (:class:`tokattr.targets.Branches`)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,10 @@ class AttributionProblem:
     ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
     row's scores do not depend on which other rows share its batch. ``prefix_ok``: ``forward``
     takes ``past=`` (a key/value cache of the unchanged leading columns), so perturbation
-    methods may skip recomputing them.
+    methods may skip recomputing them. ``branches_ok``: ``forward`` takes ``branches=`` (the
+    model honours a packed tree's attention mask and position ids). ``shape``: the model's
+    dimensions, where a method sizes passes of unlike sequences by memory
+    (:mod:`tokattr.memory`).
     """
 
     forward: Forward
@@ -55,6 +61,8 @@ class AttributionProblem:
     seeds: tuple[int | None, ...]
     grad_batch_size: int | None = None
     prefix_ok: bool = False
+    branches_ok: bool = False
+    shape: ModelShape | None = None
 
     @property
     def grad_batch(self) -> int:
@@ -108,6 +116,8 @@ class AttributionProblem:
             seeds=tuple(self.seeds[int(r)] for r in rows),
             grad_batch_size=self.grad_batch_size,
             prefix_ok=self.prefix_ok,
+            branches_ok=self.branches_ok,
+            shape=self.shape,
         )
 
     def feature_columns(self) -> Tensor:
