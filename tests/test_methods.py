@@ -282,8 +282,38 @@ def test_occlusion_equals_brute_force(arch, how):
     removed[torch.arange(len(cols)), cols] = b[0, cols]
     with torch.no_grad():
         want = f(x)[0] - f(removed)
-    torch.testing.assert_close(res.scores, want, rtol=1e-4, atol=1e-6)
+    # Packed passes (a custom attention mask) round differently from plain ones.
+    torch.testing.assert_close(res.scores, want, rtol=1e-4, atol=1e-5)
     assert res.model_evals == 1 + len(cols)
+
+
+def test_packed_passes_share_sequences_and_keep_to_the_pass_size():
+    """Occlusion's packed passes: every tree once, packed sequences no wider than the largest
+    tree, at most per_pass(width, scored) of them a pass, nearly full (first-fit decreasing),
+    whatever the order the rows come in."""
+    from tokattr.methods.occlusion import _plan_passes
+
+    gen = np.random.default_rng(0)
+    sizes = gen.integers(5, 150, size=40).tolist()
+    scored = [s // 4 for s in sizes]
+    trees = list(range(0, 40, 2))  # some rows are not packed at all
+    width = max(sizes[r] for r in trees)
+
+    def per_pass(w, keep):
+        assert w == width and 0 < keep <= width // 4  # the scored tokens of a full sequence
+        return 3
+
+    passes = _plan_passes(trees, sizes, scored, per_pass)
+    assert sorted(r for p in passes for r in p) == trees
+    fill: dict[int, int] = {}
+    for p in passes:
+        assert len(set(p.values())) <= 3
+        for r, b in p.items():
+            fill[b] = fill.get(b, 0) + sizes[r]
+    assert max(fill.values()) <= width
+    assert sum(fill.values()) > 0.8 * width * len(fill)  # little padding
+    assert len(fill) < len(trees) and len(passes) == math.ceil(len(fill) / 3)
+    assert passes == _plan_passes(trees[::-1], sizes, scored, per_pass)
 
 
 def test_occlusion_windows_equal_brute_force():

@@ -144,7 +144,7 @@ class AttributionProblem:
             out[b, cols[b, valid[b]]] = values[b, valid[b]].float()
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
         """The target on rows with some features removed, ``batch_size`` sequences per forward.
 
@@ -179,7 +179,7 @@ class AttributionProblem:
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
         """The target with each feature's embedding moved along its baseline-to-input segment:
         ``baseline + alpha * (input - baseline)`` (``alpha`` 1 keeps the feature, 0 removes it;
@@ -240,7 +240,7 @@ class AttributionProblem:
         f = torch.cat(chunked(self.n_rows, self.grad_batch, run))  # [batch] in length order
         return torch.empty_like(f).index_copy_(0, rows, f), grad
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The target on the unperturbed rows and, per layer, their key/value states (for
         :class:`~tokattr.targets.Prefix`); needs ``prefix_ok``. ``[batch]``, per layer
