@@ -103,10 +103,17 @@ class Session:
         return kwargs
 
     def run_tokattr(
-        self, model: str, prompt_set: str, method: str, impl: str, params: dict[str, Any]
+        self,
+        model: str,
+        prompt_set: str,
+        method: str,
+        impl: str,
+        params: dict[str, Any],
+        subset: list[tuple[str, str]] | None = None,
     ) -> list[Tensor]:
-        """tokattr's scores on the whole prompt set (one call, as timed)."""
-        prompts = self.prompts(model, prompt_set)
+        """tokattr's scores on the whole prompt set (one call, as timed), or on ``subset`` of
+        it (then not kept)."""
+        prompts = self.prompts(model, prompt_set) if subset is None else subset
         out = tokattr.attribute(
             self.lm(model),
             [p for p, _ in prompts],
@@ -119,7 +126,8 @@ class Session:
         )
         assert isinstance(out, list)
         scores = [a.scores.detach().float().cpu() for a in out]
-        self.scores[(model, prompt_set, method, impl)] = scores
+        if subset is None:
+            self.scores[(model, prompt_set, method, impl)] = scores
         return scores
 
     def tokattr_scores(
@@ -158,12 +166,42 @@ def timed_rounds(
     return timed, (max(peaks[warmup:] or peaks) if peaks else None), kind
 
 
+def paired_rounds(
+    benchmark: Any, fn: Callable[[], Any], partner: Callable[[], Any], rounds: int, device: str
+) -> tuple[list[float], int | None, str, list[float]]:
+    """``rounds`` rounds of ``fn`` then ``partner``, both timed, through ``benchmark.pedantic``
+    (which sees the pair); ``(seconds of each fn, peak memory bytes of fn, memory kind,
+    seconds of each partner)``."""
+    times: list[float] = []
+    partner_times: list[float] = []
+    peaks: list[int] = []
+    kind = ""
+
+    def call() -> None:
+        nonlocal kind
+        with h.PeakMemory(device) as pm:
+            t0 = time.perf_counter()
+            fn()
+            h.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        kind = pm.kind
+        if pm.peak is not None:
+            peaks.append(pm.peak)
+        t0 = time.perf_counter()
+        partner()
+        h.synchronize(device)
+        partner_times.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
+    return times, (max(peaks) if peaks else None), kind, partner_times
+
+
 def rounds_for(estimate_s: float) -> tuple[int, int]:
     """``(rounds, warm-up rounds)`` for a call estimated to take ``estimate_s`` seconds."""
     if estimate_s < 0.1:  # the floor keeps the best of ~0.3 s of calls: match that
         return 20, 2
-    if estimate_s < 0.5:
-        return 5, 1
+    if estimate_s < 0.5:  # the fastest of a second or more of calls
+        return 10, 1
     if estimate_s < 5:
         return 3, 1
     if estimate_s < 60:

@@ -26,15 +26,27 @@ class Occlusion:
     Batching: single tokens: every perturbation of every row of the batch (plus each row
     unperturbed, ``n + 1`` sequences per row) goes through the model ``batch_size`` sequences
     per forward. With ``prefix_reuse`` (default; built-in targets on models with a key/value
-    cache), the unperturbed pass keeps its key/value states and each perturbed sequence is
-    re-run only from the removed token on, so a prompt costs about half of ``n + 1`` full
-    passes; the scores are the same (to float rounding). Windows go through Captum's
-    ``Occlusion`` per row on a 0/1 token mask, ``batch_size`` windows per forward.
+    cache), the columns before a removed token are computed once per row, not once per
+    perturbation, so a prompt costs about half of ``n + 1`` full passes; the scores are the
+    same (to float rounding):
+
+    - a row whose tree (the row, plus each perturbation from its removed token on) has at most
+      :data:`PACK_LIMIT` tokens goes *packed*: the row and its perturbations form one sequence
+      whose attention mask lets each perturbation see the row's columns before its removed
+      token and its own later ones (tree attention, :class:`~tokattr.targets.Branches`; on
+      models that honour a custom 4-D mask, probed once per model). Short trees share a packed
+      sequence; a pass holds the memory of ``batch_size`` full sequences.
+    - longer rows keep the unperturbed pass's key/value states and re-run each perturbed
+      sequence from the removed token on, in bands of like start columns.
+
+    Windows go through Captum's ``Occlusion`` per row on a 0/1 token mask, ``batch_size``
+    windows per forward.
 
     Args:
         window: tokens removed together, >= 1.
         stride: step between windows, 1 <= stride <= window (so every token is covered).
-        prefix_reuse: reuse the unperturbed prefix's key/value states (single tokens only).
+        prefix_reuse: compute each row's columns before a removed token once (single tokens
+            only); ``False``: ``n + 1`` full sequences per row.
     """
 
     def __init__(self, window: int = 1, stride: int = 1, prefix_reuse: bool = True) -> None:
