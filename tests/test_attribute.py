@@ -198,9 +198,11 @@ def test_occlusion_mixes_packed_and_cached_rows(monkeypatch):
         assert a.model_evals == len(a.tokens) + 1
 
 
-def test_packing_falls_back_where_the_model_ignores_the_mask():
-    """A model that drops a custom 4-D attention mask gives different scores packed: the probe
-    sees it and occlusion keeps to key/value-cache passes, with the right scores."""
+def test_packing_falls_back_where_the_model_does_not_honour_it():
+    """A model that drops a custom 4-D attention mask, or the position ids, gives different
+    scores packed, and one that refuses a 4-D mask raises: the probe (run only for a method
+    that packs) sees each, and occlusion keeps to key/value-cache passes, with the right
+    scores."""
     from transformers import LlamaForCausalLM
 
     from tokattr.attribution import supports_branches, supports_prefix
@@ -212,16 +214,35 @@ def test_packing_falls_back_where_the_model_ignores_the_mask():
                 attention_mask = None  # a plain causal mask over the packed order
             return super().forward(*args, attention_mask=attention_mask, **kwargs)
 
+    class IgnoresPositions(LlamaForCausalLM):
+        def forward(self, *args, position_ids=None, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                position_ids = None  # positions 0, 1, ... in the packed order
+            return super().forward(
+                *args, position_ids=position_ids, attention_mask=attention_mask, **kwargs
+            )
+
+    class RefusesMask(LlamaForCausalLM):
+        def forward(self, *args, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("this model builds its bias from a 2-D mask")
+            return super().forward(*args, attention_mask=attention_mask, **kwargs)
+
     base = tiny_lm("llama")
-    model = IgnoresMask(base.model.config).eval()
-    model.load_state_dict(base.model.state_dict())
-    lm = LanguageModel(model, base.tokenizer, "ignores-mask", None)
-    assert supports_prefix(lm, log_prob) and not supports_branches(lm, log_prob)
     prompts, answers = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
-    reused = run(lm, prompts, "occlusion", answers)
     plain = run(base, prompts, "occlusion", answers, prefix_reuse=False)
-    for a, b in zip(reused, plain, strict=True):
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+    for cls in (IgnoresMask, IgnoresPositions, RefusesMask):
+        model = cls(base.model.config).eval()
+        model.load_state_dict(base.model.state_dict())
+        lm = LanguageModel(model, base.tokenizer, cls.__name__, None)
+        run(lm, prompts, "saliency", answers)  # not a packing method: no probe, no warning
+        if cls is RefusesMask:
+            with pytest.warns(RuntimeWarning, match="packed occlusion passes are off"):
+                assert not supports_branches(lm, log_prob)
+        assert supports_prefix(lm, log_prob) and not supports_branches(lm, log_prob)
+        reused = run(lm, prompts, "occlusion", answers)
+        for a, b in zip(reused, plain, strict=True):
+            torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
 
 
 def test_default_target_is_the_greedy_answer():

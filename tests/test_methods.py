@@ -289,7 +289,7 @@ def test_occlusion_equals_brute_force(arch, how):
 
 def test_packed_passes_share_sequences_and_keep_to_the_pass_size():
     """Occlusion's packed passes: every tree once, packed sequences no wider than the largest
-    tree, at most per_pass(width, scored) of them a pass, nearly full (first-fit decreasing),
+    tree and nearly full (first-fit decreasing), per_pass(width, scored) of them a pass,
     whatever the order the rows come in."""
     from tokattr.methods.occlusion import _plan_passes
 
@@ -303,17 +303,14 @@ def test_packed_passes_share_sequences_and_keep_to_the_pass_size():
         assert w == width and 0 < keep <= width // 4  # the scored tokens of a full sequence
         return 3
 
-    passes = _plan_passes(trees, sizes, scored, per_pass)
-    assert sorted(r for p in passes for r in p) == trees
-    fill: dict[int, int] = {}
-    for p in passes:
-        assert len(set(p.values())) <= 3
-        for r, b in p.items():
-            fill[b] = fill.get(b, 0) + sizes[r]
-    assert max(fill.values()) <= width
-    assert sum(fill.values()) > 0.8 * width * len(fill)  # little padding
-    assert len(fill) < len(trees) and len(passes) == math.ceil(len(fill) / 3)
-    assert passes == _plan_passes(trees[::-1], sizes, scored, per_pass)
+    bins, n = _plan_passes(trees, sizes, scored, per_pass)
+    assert n == 3 and sorted(r for b in bins for r in b) == trees
+    fill = [sum(sizes[r] for r in b) for b in bins]
+    assert max(fill) <= width
+    assert sum(fill) > 0.8 * width * len(bins)  # little padding
+    assert len(bins) < len(trees)
+    assert (bins, n) == _plan_passes(trees[::-1], sizes, scored, per_pass)
+    assert _plan_passes(trees, sizes, scored, lambda w, k: 0)[1] == 1  # never below one
 
 
 def test_occlusion_windows_equal_brute_force():
@@ -466,3 +463,17 @@ def test_every_method_is_tested_here():
         "shapley_sampling", "exact_shapley", "random",
     }  # fmt: skip
     assert set(METHODS) == covered
+
+
+def test_perturbation_passes_hand_back_ordinary_tensors():
+    """evaluate and interpolate run the model under inference_mode (faster) but return tensors
+    a method may change in place or use with autograd."""
+    lm = tiny_lm("llama")
+    problem, _ = model_problem(lm, ["7x5=", "12+34="], ["35", "46"])
+    rows = torch.tensor([0, 1, 1])
+    keep = torch.ones(3, int(problem.n_features.max()), dtype=torch.bool)
+    out = problem.evaluate(rows, keep)
+    mid = problem.interpolate(rows, keep.float() / 2)
+    assert not out.is_inference() and not mid.is_inference()
+    out += 1.0  # in place: allowed on an ordinary tensor
+    assert (mid.requires_grad_() * 2).sum().requires_grad

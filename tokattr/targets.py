@@ -411,7 +411,8 @@ def prob(
     past: Prefix | None = None,
     branches: Branches | None = None,
 ) -> Tensor:
-    """Probability of the scored answer tokens, ``exp(log_prob)``. [batch]"""
+    """Probability of the scored answer tokens, ``exp(log_prob)``. [batch]
+    ([batch + n] with ``branches``)"""
     return log_prob(model, embeds, inputs, past, branches).exp()
 
 
@@ -422,7 +423,8 @@ def logit(
     past: Prefix | None = None,
     branches: Branches | None = None,
 ) -> Tensor:
-    """Raw logit of the first scored answer token (no softmax). [batch]"""
+    """Raw logit of the first scored answer token (no softmax). [batch] ([batch + n] with
+    ``branches``)"""
     first_only = inputs.score_mask & (inputs.score_mask.long().cumsum(-1) == 1)  # [batch, seq]
     _, token_logits = _score_columns(
         model,

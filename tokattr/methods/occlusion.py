@@ -60,6 +60,12 @@ class Occlusion:
         self.stride = stride
         self.prefix_reuse = prefix_reuse
 
+    @property
+    def packs_branches(self) -> bool:
+        """Whether this occlusion may pack perturbations with their rows
+        (:class:`~tokattr.targets.Branches`)."""
+        return self.window == 1 and self.prefix_reuse
+
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         if self.window == 1:
             return self._single_tokens(problem)
@@ -131,50 +137,52 @@ def _sharing_prefixes(
     trees = packed.nonzero().squeeze(-1).tolist()
     if not trees:
         return fx, removed
-    for plan in _plan_passes(trees, size.tolist(), scored.tolist(), per_pass):
-        group = list(plan)
+    bins, n_per_pass = _plan_passes(trees, size.tolist(), scored.tolist(), per_pass)
+    at_row = torch.full((problem.n_rows,), -1, dtype=torch.long, device=device)
 
-        def run(i: int, j: int, group: list[int] = group, plan: dict[int, int] = plan) -> None:
-            r = torch.tensor(group[i:j], device=device)
-            cols = problem.trim(r)
-            mine = (rows[:, None] == r[None]).any(-1).nonzero().squeeze(-1)  # their perturbations
-            at = (rows[mine, None] == r[None]).long().argmax(-1)  # their rows' positions in r
-            x = problem.embeds[r][:, cols]
-            c = columns[mine] - cols.start
-            branch = x[at].clone()
-            base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]
-            branch[torch.arange(len(mine), device=device), c] = base
-            packing = torch.tensor([plan[t] for t in group[i:j]], device=device)
-            with torch.inference_mode():
-                f = problem.forward(
-                    x, problem.inputs.select(r, cols), branches=Branches(at, c, branch, packing)
-                )
-            fx[r] = f[: len(r)].to(fx.dtype)
-            removed[mine] = f[len(r) :].to(removed.dtype)
+    def run(i: int, j: int) -> None:
+        group = [r for b in bins[i:j] for r in b]
+        r = torch.tensor(group, device=device)
+        cols = problem.trim(r)
+        at_row[r] = torch.arange(len(r), device=device)
+        mine = (at_row[rows] >= 0).nonzero().squeeze(-1)  # the perturbations of these rows
+        at = at_row[rows[mine]]  # their rows' positions in r
+        at_row[r] = -1
+        x = problem.embeds[r][:, cols]
+        c = columns[mine] - cols.start
+        branch = x[at].clone()
+        base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]
+        branch[torch.arange(len(mine), device=device), c] = base
+        packing = torch.tensor([k for k, b in enumerate(bins[i:j]) for _ in b], device=device)
+        with torch.inference_mode():
+            f = problem.forward(
+                x, problem.inputs.select(r, cols), branches=Branches(at, c, branch, packing)
+            )
+        fx[r] = f[: len(r)].to(fx.dtype)
+        removed[mine] = f[len(r) :].to(removed.dtype)
 
-        chunked(len(group), len(group), run)  # split on out-of-memory
+    chunked(len(bins), n_per_pass, run)  # fewer packed sequences a pass on out-of-memory
     return fx, removed
 
 
 def _plan_passes(
     trees: list[int], sizes: list[int], scored: list[int], per_pass: Callable[[int, int], int]
-) -> list[dict[int, int]]:
-    """Packed passes over the rows ``trees`` (``sizes``/``scored``: tokens and scored tokens of
-    each row's tree): packed sequences as wide as the largest tree, filled by first-fit
-    decreasing, ``per_pass(width, scored)`` of them a pass. Per pass, ``{row: packed
-    sequence}``. (Narrower sequences for the passes of smaller trees attend over less, but
-    measured no faster on the bundled model: more padding and smaller passes.)"""
+) -> tuple[list[list[int]], int]:
+    """The rows ``trees`` (``sizes``/``scored``: tokens and scored tokens of each row's tree)
+    packed into sequences as wide as the largest tree by first-fit decreasing, and how many of
+    those sequences go in a pass (``per_pass(width, scored)``, at least 1). Returns the rows of
+    each packed sequence, and that number. (Narrower sequences for the passes of smaller trees
+    attend over less, but measured no faster on the bundled model: more padding and smaller
+    passes.)"""
     trees = sorted(trees, key=lambda r: (-sizes[r], r))
     width = sizes[trees[0]]
     bin_of = first_fit_trees([sizes[r] for r in trees], width)
-    keep = [0] * (max(bin_of) + 1)
+    bins: list[list[int]] = [[] for _ in range(max(bin_of) + 1)]
+    keep = [0] * len(bins)
     for r, b in zip(trees, bin_of, strict=True):
+        bins[b].append(r)
         keep[b] += scored[r]
-    n = max(1, per_pass(width, max(keep)))
-    passes: list[dict[int, int]] = [{} for _ in range(max(bin_of) // n + 1)]
-    for r, b in zip(trees, bin_of, strict=True):
-        passes[b // n][r] = b
-    return passes
+    return bins, max(1, per_pass(width, max(keep)))
 
 
 def _packed_rows_per_pass(problem: AttributionProblem) -> Callable[[int, int], int]:

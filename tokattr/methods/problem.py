@@ -42,7 +42,8 @@ class AttributionProblem:
     """A batch of rows to attribute.
 
     ``batch_size`` is the most sequences a method may put through the model in one forward
-    pass (``grad_batch_size``, when given, the most in one forward + backward pass).
+    pass (a packed pass, :class:`~tokattr.targets.Branches`, holds the memory of that many
+    full sequences) (``grad_batch_size``, when given, the most in one forward + backward pass).
     ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
     row's scores do not depend on which other rows share its batch. ``prefix_ok``: ``forward``
     takes ``past=`` (a key/value cache of the unchanged leading columns), so perturbation
@@ -144,7 +145,7 @@ class AttributionProblem:
             out[b, cols[b, valid[b]]] = values[b, valid[b]].float()
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
         """The target on rows with some features removed, ``batch_size`` sequences per forward.
 
@@ -174,12 +175,13 @@ class AttributionProblem:
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
             cols = self.trim(r)
             x = torch.where(col_keep[:, cols, None], self.embeds[r, cols], self.baselines[r, cols])
-            return self.forward(x, self.inputs.select(r, cols))
+            with torch.inference_mode():  # faster; the result is copied out of it below
+                return self.forward(x, self.inputs.select(r, cols))
 
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
         """The target with each feature's embedding moved along its baseline-to-input segment:
         ``baseline + alpha * (input - baseline)`` (``alpha`` 1 keeps the feature, 0 removes it;
@@ -214,7 +216,8 @@ class AttributionProblem:
             x = base + col_alpha[:, cols, None] * (x_in - base)
             # Off the features the baseline equals the input, so x is the input there exactly.
             x = torch.where(self.feature_mask[r, cols, None], x, x_in)
-            return self.forward(x, self.inputs.select(r, cols))
+            with torch.inference_mode():  # faster; the result is copied out of it below
+                return self.forward(x, self.inputs.select(r, cols))
 
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
@@ -244,7 +247,8 @@ class AttributionProblem:
     def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The target on the unperturbed rows and, per layer, their key/value states (for
         :class:`~tokattr.targets.Prefix`); needs ``prefix_ok``. ``[batch]``, per layer
-        ``([batch, heads, seq, head_dim], ...)``."""
+        ``([batch, heads, seq, head_dim], ...)``: inference tensors (``torch.inference_mode``),
+        not to be changed in place or used with autograd."""
         if not self.prefix_ok:
             raise ValueError("this problem's target function does not take a key/value prefix")
         rows = torch.arange(self.n_rows, device=self.embeds.device)
