@@ -145,7 +145,29 @@ def timed_rounds(
 ) -> tuple[list[float], int | None, str]:
     """Run ``fn`` through ``benchmark.pedantic``; ``(seconds of each timed round, peak memory
     bytes over the rounds, memory kind)``. Warm-up rounds are not in the list."""
+    times, peak, kind, _ = _rounds(benchmark, fn, None, rounds, warmup, device)
+    return times, peak, kind
+
+
+def paired_rounds(
+    benchmark: Any, fn: Callable[[], Any], partner: Callable[[], Any], rounds: int, device: str
+) -> tuple[list[float], int | None, str, list[float]]:
+    """``rounds`` rounds of ``fn`` then ``partner``, both timed, through ``benchmark.pedantic``
+    (which sees the pair); ``(seconds of each fn, peak memory bytes of fn, memory kind,
+    seconds of each partner)``."""
+    return _rounds(benchmark, fn, partner, rounds, 0, device)
+
+
+def _rounds(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    partner: Callable[[], Any] | None,
+    rounds: int,
+    warmup: int,
+    device: str,
+) -> tuple[list[float], int | None, str, list[float]]:
     times: list[float] = []
+    partner_times: list[float] = []
     peaks: list[int] = []
     kind = ""
 
@@ -159,41 +181,17 @@ def timed_rounds(
         kind = pm.kind
         if pm.peak is not None:
             peaks.append(pm.peak)
+        if partner is not None:
+            t0 = time.perf_counter()
+            partner()
+            h.synchronize(device)
+            partner_times.append(time.perf_counter() - t0)
         return out
 
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
     timed = times[warmup:] or times
-    return timed, (max(peaks[warmup:] or peaks) if peaks else None), kind
-
-
-def paired_rounds(
-    benchmark: Any, fn: Callable[[], Any], partner: Callable[[], Any], rounds: int, device: str
-) -> tuple[list[float], int | None, str, list[float]]:
-    """``rounds`` rounds of ``fn`` then ``partner``, both timed, through ``benchmark.pedantic``
-    (which sees the pair); ``(seconds of each fn, peak memory bytes of fn, memory kind,
-    seconds of each partner)``."""
-    times: list[float] = []
-    partner_times: list[float] = []
-    peaks: list[int] = []
-    kind = ""
-
-    def call() -> None:
-        nonlocal kind
-        with h.PeakMemory(device) as pm:
-            t0 = time.perf_counter()
-            fn()
-            h.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        kind = pm.kind
-        if pm.peak is not None:
-            peaks.append(pm.peak)
-        t0 = time.perf_counter()
-        partner()
-        h.synchronize(device)
-        partner_times.append(time.perf_counter() - t0)
-
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
-    return times, (max(peaks) if peaks else None), kind, partner_times
+    peak = max(peaks[warmup:] or peaks) if peaks else None
+    return timed, peak, kind, partner_times[warmup:] or partner_times
 
 
 def rounds_for(estimate_s: float) -> tuple[int, int]:

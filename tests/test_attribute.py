@@ -106,6 +106,26 @@ def test_one_prompt_in_a_batch_uses_the_others_forwards():
     assert calls == [sum(len(r.tokens) for r in res) + 3]
 
 
+def _reusing_prefixes(lm, prompts, answers, batch_size, record):
+    """Occlusion with prefix reuse, ``record(forward kwargs)`` kept for each model call, checked
+    against full passes: the same scores and target scores, n + 1 evaluations per prompt.
+    Returns its results and the records."""
+    records = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: records.append(record(kwargs)), with_kwargs=True
+    )
+    try:
+        reused = run(lm, prompts, "occlusion", answers, batch_size=batch_size)
+    finally:
+        hook.remove()
+    plain = run(lm, prompts, "occlusion", answers, batch_size=batch_size, prefix_reuse=False)
+    for a, b in zip(reused, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
+        assert a.model_evals == b.model_evals == len(a.tokens) + 1
+    return reused, records
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
 def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, monkeypatch):
     """With the built-in target, occlusion re-runs a perturbed sequence only from the removed
@@ -118,19 +138,9 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
     supports_branches(lm, log_prob)  # its one-off probe pass, before the hook
     prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
     answers = [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1]]
-    widths = []
-    hook = lm.model.register_forward_pre_hook(
-        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape), with_kwargs=True
+    reused, widths = _reusing_prefixes(
+        lm, prompts, answers, 5, lambda kwargs: kwargs["inputs_embeds"].shape
     )
-    try:
-        reused = run(lm, prompts, "occlusion", answers, batch_size=5)
-    finally:
-        hook.remove()
-    plain = run(lm, prompts, "occlusion", answers, batch_size=5, prefix_reuse=False)
-    for a, b in zip(reused, plain, strict=True):
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
-        assert a.target_score == pytest.approx(b.target_score, abs=1e-6)
-        assert a.model_evals == b.model_evals == len(a.tokens) + 1
     full = widths[0][1]  # the unperturbed pass: whole sequences
     assert widths[0][0] == 3 and all(w[0] <= 5 for w in widths)
     assert sum(w[0] for w in widths[1:]) == sum(len(r.tokens) for r in reused)
@@ -149,22 +159,13 @@ def test_occlusion_packs_each_prompt_with_its_perturbations(arch):
     assert supports_branches(lm, log_prob)  # probed once, before the hook
     prompts = [SHORT, OTHERS[0][0], OTHERS[1][0], OTHERS[2][0]]
     answers = [SHORT_ANSWER, OTHERS[0][1], OTHERS[1][1], OTHERS[2][1]]
-    shapes = []
-    hook = lm.model.register_forward_pre_hook(
-        lambda _, args, kwargs: shapes.append(
-            (kwargs["inputs_embeds"].shape, kwargs["attention_mask"].dim())
-        ),
-        with_kwargs=True,
+    packed, shapes = _reusing_prefixes(
+        lm,
+        prompts,
+        answers,
+        64,
+        lambda kwargs: (kwargs["inputs_embeds"].shape, kwargs["attention_mask"].dim()),
     )
-    try:
-        packed = run(lm, prompts, "occlusion", answers, batch_size=64)
-    finally:
-        hook.remove()
-    plain = run(lm, prompts, "occlusion", answers, batch_size=64, prefix_reuse=False)
-    for a, b in zip(packed, plain, strict=True):
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
-        assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
-        assert a.model_evals == b.model_evals == len(a.tokens) + 1
     assert len(shapes) == 1 and shapes[0][1] == 4  # one pass, a custom 4-D mask
     tokens = shapes[0][0][0] * shapes[0][0][1]
     examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
