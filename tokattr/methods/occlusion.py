@@ -107,8 +107,12 @@ class Occlusion:
 
 PACK_LIMIT = 512
 """Most tokens in one row's packed tree (the row plus its perturbations from the removed token
-on, :class:`~tokattr.targets.Branches`). A packed pass attends over the whole packed sequence,
-so past this the key/value-cache passes (:func:`_with_cache`) cost less."""
+on, :class:`~tokattr.targets.Branches`). A packed pass attends over the whole packed sequence
+(its mask and scores grow as the square of its length), so longer rows take key/value-cache
+passes (:func:`_with_cache`). Measured on 2 CPU cores: on a 100M Llama, packed passes took
+0.26-0.31 s per 16-token prompt (trees of about 170 tokens) against 0.39-0.40 s cached, 0.45
+against 0.67-0.72 s at 24 tokens (about 350), and the same at 32 tokens (about 590); on the
+bundled model the two are even from 24 tokens (about 300) on."""
 
 
 def _sharing_prefixes(
