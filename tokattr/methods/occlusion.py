@@ -154,7 +154,7 @@ def _sharing_prefixes(
         at_row[r] = -1
         x = problem.embeds[r][:, cols]
         c = columns[mine] - cols.start
-        branch = x[at].clone()
+        branch = x[at]  # a copy (advanced indexing)
         base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]
         branch[torch.arange(len(mine), device=device), c] = base
         packing = torch.tensor([k for k, b in enumerate(bins[i:j]) for _ in b], device=device)
