@@ -424,31 +424,19 @@ def _packs_exactly(model: torch.nn.Module) -> bool:
     x = embedding(ids)  # [1, 8, d_model]
     branch = x.clone()
     branch[0, 2] = 0.0
-    score = torch.zeros(1, 8, dtype=torch.bool, device=device)
-    score[0, 3:] = True
-    one = torch.zeros(1, dtype=torch.long, device=device)
-    positions = torch.arange(8, device=device)[None]
-    inputs = TargetInputs(
-        attention_mask=torch.ones_like(ids),
-        position_ids=positions,
-        labels=ids,
-        score_mask=score,
-        slot_mask=score,
-        example_index=one,
-    )
-    both = inputs.select(torch.cat([one, one]))
-    apart = answer_log_probs(model, torch.cat([x, branch]), *both.as_tuple()[:4])
+    ids2 = ids.expand(2, -1)  # the sequence and its copy, apart
+    mask2 = torch.ones_like(ids2)
+    positions = torch.arange(8, device=device).expand(2, -1)
+    score = torch.zeros(2, 8, dtype=torch.bool, device=device)
+    score[:, 3:] = True
+    both = torch.cat([x, branch])
+    apart = answer_log_probs(model, both, mask2, positions, ids2, score)
+    row = torch.zeros(1, dtype=torch.long, device=device)
     together = answer_log_probs(
-        model, x, *inputs.as_tuple()[:4], branches=Branches(one, one + 2, branch)
+        model, x, mask2[:1], positions[:1], ids, score[:1], branches=Branches(row, row + 2, branch)
     )
-    moved = answer_log_probs(
-        model,
-        torch.cat([x, branch]),
-        both.attention_mask,
-        torch.where(both.position_ids >= 4, both.position_ids + 3, both.position_ids),
-        both.labels,
-        both.score_mask,
-    )
+    moved_positions = torch.where(positions >= 4, positions + 3, positions)  # a gap after 3
+    moved = answer_log_probs(model, both, mask2, moved_positions, ids2, score)
     err = float((together - apart).abs().max())
     shift = float((moved - apart).abs().max())
     tol = PROBE_TOLERANCE.get(x.dtype, 5e-2)

@@ -136,14 +136,12 @@ class Branches:
     packing: Tensor | None = None  # [batch] packed sequence of each row (None: first_fit_trees)
 
 
-def tree_sizes(
-    inputs: TargetInputs, rows: Tensor, start: Tensor, branch_rows: Tensor
-) -> tuple[Tensor, Tensor]:
+def tree_sizes(inputs: TargetInputs, start: Tensor, branch_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Tokens of each row's packed tree (the row plus its branches, :class:`Branches`), and how
     many of them are scored, where ``branch_rows``/``start`` ``[n]`` are the branches' rows
-    (positions in ``rows``) and first changed columns. ``[len(rows)]`` each"""
-    first, last = _scored_span(inputs.score_mask[rows])
-    left = inputs.attention_mask[rows].long().argmax(-1)
+    and first changed columns. ``[batch]`` each"""
+    first, last = _scored_span(inputs.score_mask)
+    left = inputs.attention_mask.long().argmax(-1)
     size = (last - left).index_add(0, branch_rows, last[branch_rows] - start)
     segments = torch.ones_like(size).index_add(0, branch_rows, torch.ones_like(start))
     return size, segments * (last - first + 1)

@@ -125,11 +125,12 @@ def _sharing_prefixes(
     device = problem.embeds.device
     fx = torch.empty(problem.n_rows, device=device)
     removed = torch.empty(len(rows), device=device)
-    every = torch.arange(problem.n_rows, device=device)
-    size, scored = tree_sizes(problem.inputs, every, columns, rows)  # [batch] each
+    if not problem.branches_ok:  # the model cannot take packed passes: all through the cache
+        return _with_cache(problem, rows, columns)
+    size, scored = tree_sizes(problem.inputs, columns, rows)  # [batch] each
     per_pass = _packed_rows_per_pass(problem)
     fits = [per_pass(n, k) > 0 for n, k in zip(size.tolist(), scored.tolist(), strict=True)]
-    packed = problem.branches_ok & (size <= PACK_LIMIT) & torch.tensor(fits, device=device)
+    packed = (size <= PACK_LIMIT) & torch.tensor(fits, device=device)
     if not packed.all():
         cached = (~packed).nonzero().squeeze(-1)  # [m] rows
         where = torch.full((problem.n_rows,), -1, dtype=torch.long, device=device)
