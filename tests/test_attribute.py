@@ -396,6 +396,31 @@ def test_nan_scores_are_refused():
                   target_fn=lambda m, e, i: log_prob(m, e, i) * float("inf"))  # fmt: skip
 
 
+def test_non_finite_scores_name_their_prompt_in_a_batch():
+    lm = tiny_lm("llama")
+    nine = lm.tokenizer.convert_tokens_to_ids("9")
+
+    def fragile_nines(model, embeds, inputs):
+        """NaN when a token is removed from a prompt that has a 9, finite otherwise."""
+        clean = model.get_input_embeddings()(inputs.labels)
+        perturbed = (embeds != clean).flatten(1).any(-1)
+        bad = perturbed & (inputs.labels == nine).any(-1)
+        score = log_prob(model, embeds, inputs)
+        return torch.where(bad, torch.full_like(score, float("nan")), score)
+
+    prompts, answers = ["12+3=", "7x5=", "4900/100=", "9+9="], ["15", "35", "49", "18"]
+    with pytest.raises(ValueError, match="gave NaN/inf scores for prompt '4900/100='"):
+        attribute(lm, prompts, "occlusion", target=answers, target_fn=fragile_nines)
+    for per_answer_token in (False, True):
+        out = attribute(lm, prompts[:2], "occlusion", target=answers[:2],
+                        target_fn=fragile_nines, per_answer_token=per_answer_token)  # fmt: skip
+        ref = [attribute(lm, p, "occlusion", target=a, per_answer_token=per_answer_token)
+               for p, a in zip(prompts[:2], answers[:2], strict=True)]  # fmt: skip
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o.scores, r.scores, atol=1e-5, rtol=1e-5)
+            assert o.target_score == pytest.approx(r.target_score, abs=1e-5)
+
+
 # --------------------------------------------------------------------------- CLI, imports
 
 

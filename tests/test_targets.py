@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny import ALL_ARCHS, tiny_lm
 
-from tokattr.batching import collate, encode_example
+from tokattr.batching import collate, encode_example, encode_examples
 from tokattr.targets import TARGETS, log_prob, target_inputs
 
 PROMPTS = ["12+3=", "$16,000/-0.8=", "7x5=", "4900/100="]
@@ -159,6 +159,42 @@ def test_encoding_errors():
         encode_example(tok, "1+1=", "")
     with pytest.raises(ValueError, match="longer than the model's context of 20 tokens"):
         encode_example(tok, "1+1=" * 5, "2", max_length=20)
+
+
+def test_encode_examples_equals_one_by_one_in_one_tokenizer_call(monkeypatch):
+    tok = tiny_lm("llama").tokenizer
+    # The last two: a trailing space the answer merges with (re-tokenized on the fallback
+    # path) and one it does not.
+    prompts = [*PROMPTS, "3 x 5 ", "3 x 5 = "]
+    answers = [*ANSWERS, "x", "15"]
+    foils = ["1", "2", "3", "4", "y", "16"]
+    for f in (None, foils):
+        one = [
+            encode_example(tok, p, a, None if f is None else f[i], 64)
+            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+        ]
+        assert encode_examples(tok, prompts, answers, f, 64) == one
+
+    calls = []
+    real = type(tok).__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    encode_examples(tok, PROMPTS, ANSWERS, None, 64)
+    assert len(calls) == 1 and len(calls[0]) == 2 * len(PROMPTS)
+
+
+def test_encode_examples_errors_name_the_first_bad_example():
+    tok = tiny_lm("llama").tokenizer
+    with pytest.raises(ValueError, match="empty prompt"):
+        encode_examples(tok, ["1+1=", ""], ["2", "3"])
+    with pytest.raises(ValueError, match="empty answer for prompt '2\\+2='"):
+        encode_examples(tok, ["1+1=", "2+2=", "3+3="], ["2", "", ""])
+    with pytest.raises(ValueError, match="context of 20 tokens: '1\\+1=1\\+1="):
+        encode_examples(tok, ["2=", "1+1=" * 5], ["2", "2"], max_length=20)
 
 
 def test_log_prob_needs_an_answer_token():

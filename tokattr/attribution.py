@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokattr.batching import TokenBatch, collate, encode_example
+from tokattr.batching import TokenBatch, collate, encode_examples
 from tokattr.memory import ModelShape, sequences_per_pass
 from tokattr.methods import METHODS
 from tokattr.methods.problem import AttributionProblem, Method, chunked
@@ -190,10 +190,7 @@ def attribute(
                 )
             answers[i] = g
 
-    encoded = [
-        encode_example(lm.tokenizer, p, a, f, lm.max_length)
-        for p, a, f in zip(prompt_list, answers, foils, strict=True)
-    ]
+    encoded = encode_examples(lm.tokenizer, prompt_list, answers, foils, lm.max_length)
     results: list[Attribution] = []
     for start in range(0, len(encoded), prompts_per_batch):
         stop = min(start + prompts_per_batch, len(encoded))
@@ -294,37 +291,41 @@ def _attribute_batch(
     fx = torch.cat(row_fx)  # [rows]
     delta = None if row_delta[0] is None else torch.cat(row_delta)  # [rows]
 
+    # Per example, its rows' scores at its features: one gather for the whole batch, then views.
+    row_of_cpu = row_of.cpu()
+    order = torch.argsort(row_of_cpu, stable=True)  # rows grouped by example
+    rows_per_example = torch.bincount(row_of_cpu, minlength=n_examples).tolist()
+    in_features = batch.feature_mask.cpu()[row_of_cpu[order]]  # [rows, seq]
+    flat = scores[order][in_features]  # features of each row, row after row
+    per_row = flat.split(in_features.sum(-1).tolist())
+    fx = fx[order]
+    delta = None if delta is None else delta[order]
+    bad_fx = ~torch.isfinite(fx)
+    bad_scores = ~torch.isfinite(flat)
+    if bool(bad_fx.any() or bad_scores.any()):
+        _raise_not_finite(meta, rows_per_example, fx, bad_fx, per_row)
+    fx_list = fx.tolist()
+    delta_list = None if delta is None else delta.tolist()
+
     results = []
-    feature_mask = batch.feature_mask.cpu()
-    for b in range(n_examples):
-        mine = (row_of.cpu() == b).nonzero().flatten()
-        s = scores[mine][:, feature_mask[b]]  # [rows of b, n_tokens]
-        prompt, answer = meta["prompts"][b], meta["answers"][b]
-        if not torch.isfinite(fx[mine]).all():
-            raise ValueError(
-                f"the target score is not finite ({fx[mine].tolist()}) for prompt {prompt!r} "
-                f"and answer {answer!r}; use target_fn='log_prob' or a likelier answer"
-            )
-        if not torch.isfinite(s).all():
-            raise ValueError(
-                f"method {meta['method']!r} gave NaN/inf scores for prompt {prompt!r} and answer "
-                f"{answer!r} (target score {fx[mine].tolist()})"
-            )
-        if not per_answer_token:
-            s = s[0]
-        d = None if delta is None else delta[mine].tolist()
+    first = 0
+    for b, n_rows in enumerate(rows_per_example):
+        mine = slice(first, first + n_rows)
+        first += n_rows
+        s = torch.stack(per_row[mine]) if per_answer_token else per_row[mine.start].clone()
+        d = None if delta_list is None else delta_list[mine]
         results.append(
             Attribution(
                 tokens=batch.tokens[b],
-                scores=s.contiguous(),
-                target=answer,
+                scores=s,  # [rows of b, n_tokens] (per_answer_token) or [n_tokens]
+                target=meta["answers"][b],
                 method=meta["method"],
-                prompt=prompt,
+                prompt=meta["prompts"][b],
                 token_ids=batch.token_ids[b],
                 offsets=batch.offsets[b],
                 answer_tokens=batch.answer_tokens[b],
                 target_fn=meta["fn_name"],
-                target_score=fx[mine].tolist() if per_answer_token else float(fx[mine][0]),
+                target_score=fx_list[mine] if per_answer_token else fx_list[mine.start],
                 baseline=baseline,
                 params=meta["params"],
                 seed=seeds[b],
@@ -335,6 +336,32 @@ def _attribute_batch(
             )
         )
     return results
+
+
+def _raise_not_finite(
+    meta: dict,
+    rows_per_example: list[int],
+    fx: Tensor,
+    bad_fx: Tensor,
+    per_row: Sequence[Tensor],
+) -> None:
+    """Raise for the first example whose target score (checked first) or scores are not finite
+    (``fx``, ``bad_fx`` and ``per_row`` hold the rows grouped by example)."""
+    first = 0
+    for b, n_rows in enumerate(rows_per_example):
+        mine = slice(first, first + n_rows)
+        first += n_rows
+        prompt, answer = meta["prompts"][b], meta["answers"][b]
+        if bad_fx[mine].any():
+            raise ValueError(
+                f"the target score is not finite ({fx[mine].tolist()}) for prompt {prompt!r} "
+                f"and answer {answer!r}; use target_fn='log_prob' or a likelier answer"
+            )
+        if not all(torch.isfinite(r).all() for r in per_row[mine]):
+            raise ValueError(
+                f"method {meta['method']!r} gave NaN/inf scores for prompt {prompt!r} and answer "
+                f"{answer!r} (target score {fx[mine].tolist()})"
+            )
 
 
 def pass_sizes(

@@ -13,7 +13,8 @@ special token; answer tokens are those of ``prompt + answer`` after the prompt's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,11 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict:
     )
 
 
+Tokenize = Callable[[str], dict]
+"""``text -> encoding`` (``input_ids``, ``special_tokens_mask``, ``offset_mapping`` where the
+tokenizer is fast), as :func:`_encode_text` returns it."""
+
+
 class NotAPrefixError(ValueError):
     """The answer changes how the prompt is tokenized."""
 
@@ -80,6 +86,8 @@ def encode_example(
     answer: str,
     foil: str | None = None,
     max_length: int | None = None,
+    tokenize: Tokenize | None = None,
+    specials: frozenset[int] | None = None,
 ) -> Encoded:
     """Tokenize one prompt and its answer (and foil) the way the model will read them.
 
@@ -87,6 +95,10 @@ def encode_example(
     (``"9 - 556 = "`` + ``"-547"`` reads ``▁=  ▁-  5 4 7`` with a metaspace tokenizer, not
     ``▁= ▁ - …``) gives that whitespace to the answer: the tokens are then exactly those of
     ``prompt + answer`` read as one text, as the model saw such text in training.
+
+    ``tokenize`` (``text -> encoding``, default: call the tokenizer) and ``specials`` (the
+    tokenizer's special token ids) let :func:`encode_examples` share one batched tokenizer call
+    and one lookup across examples.
 
     Raises:
         ValueError: an empty prompt, a prompt with no non-special token, an empty answer,
@@ -96,16 +108,68 @@ def encode_example(
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"empty prompt: {prompt!r}; give a non-empty string")
+    if tokenize is None:
+        tokenize = functools.partial(_encode_text, tokenizer)
+    specials = frozenset(tokenizer.all_special_ids) if specials is None else specials
     try:
-        return _encode(tokenizer, prompt, answer, foil, max_length)
+        return _encode(tokenizer, prompt, answer, foil, max_length, tokenize, specials)
     except NotAPrefixError:
         stripped = prompt.rstrip()
         if stripped == prompt or not stripped:
             raise
         tail = prompt[len(stripped) :]
         return _encode(
-            tokenizer, stripped, tail + answer, None if foil is None else tail + foil, max_length
+            tokenizer,
+            stripped,
+            tail + answer,
+            None if foil is None else tail + foil,
+            max_length,
+            tokenize,
+            specials,
         )
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    foils: Sequence[str | None] | None = None,
+    max_length: int | None = None,
+) -> list[Encoded]:
+    """:func:`encode_example` for each ``(prompt, answer, foil)``, with every prompt and every
+    ``prompt + answer`` (and ``prompt + foil``) text tokenized in one batched tokenizer call
+    (one call's overhead, not one per text). Same results and errors, in the same order, as
+    :func:`encode_example` on each example in turn."""
+    foil_list = [None] * len(prompts) if foils is None else list(foils)
+    texts: dict[str, None] = {}  # ordered, unique
+    for p, a, f in zip(prompts, answers, foil_list, strict=True):
+        if not (isinstance(p, str) and p):
+            break  # encode_example raises on it, after the examples before it
+        texts[p] = None
+        for c in (a, f):
+            if isinstance(c, str) and c:
+                texts[p + c] = None
+    known: dict[str, dict] = {}
+    if texts:
+        batch = tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            return_special_tokens_mask=True,
+            return_offsets_mapping=tokenizer.is_fast,
+        )
+        keys = list(batch.keys())
+        for i, text in enumerate(texts):
+            known[text] = {k: batch[k][i] for k in keys}
+
+    def tokenize(text: str) -> dict:
+        enc = known.get(text)
+        return _encode_text(tokenizer, text) if enc is None else enc
+
+    specials = frozenset(tokenizer.all_special_ids)
+    return [
+        encode_example(tokenizer, p, a, f, max_length, tokenize, specials)
+        for p, a, f in zip(prompts, answers, foil_list, strict=True)
+    ]
 
 
 def _encode(
@@ -114,10 +178,11 @@ def _encode(
     answer: str,
     foil: str | None,
     max_length: int | None,
+    tokenize: Tokenize,
+    specials: frozenset[int],
 ) -> Encoded:
-    enc = _encode_text(tokenizer, prompt)
+    enc = tokenize(prompt)
     prompt_ids: list[int] = list(enc["input_ids"])
-    specials = set(tokenizer.all_special_ids)
     special = [
         bool(m) or i in specials
         for i, m in zip(prompt_ids, enc["special_tokens_mask"], strict=True)
@@ -133,7 +198,7 @@ def _encode(
     def continuation(text: str, what: str) -> list[int]:
         if not text:
             raise ValueError(f"empty {what} for prompt {prompt!r}")
-        full: list[int] = list(_encode_text(tokenizer, prompt + text)["input_ids"])
+        full: list[int] = list(tokenize(prompt + text)["input_ids"])
         if full[: len(prompt_ids)] != prompt_ids:
             raise NotAPrefixError(
                 f"the tokens of prompt {prompt!r} are not a prefix of the tokens of prompt + "
@@ -171,39 +236,45 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
     slot_width = max(
         max(len(e.answer_ids), len(e.foil_ids) if e.foil_ids is not None else 0) for e in examples
     )
-    batch, seq = len(examples), prompt_width + slot_width
-    input_ids = torch.full((batch, seq), pad, dtype=torch.long)  # [batch, seq]
-    attention_mask = torch.zeros(batch, seq, dtype=torch.long)  # [batch, seq]
-    feature_mask = torch.zeros(batch, seq, dtype=torch.bool)  # [batch, seq]
-    answer_mask = torch.zeros(batch, seq, dtype=torch.bool)  # [batch, seq]
-    foil_ids = input_ids.clone() if has_foil else None
-    foil_attention_mask = attention_mask.clone() if has_foil else None
-    foil_mask = answer_mask.clone() if has_foil else None
+    seq = prompt_width + slot_width
+    # Rows built as lists, then one tensor each (one tensor op per row and field would cost
+    # more than the model's forward on short batches).
+    ids_rows, att_rows, feat_rows, ans_rows = [], [], [], []
+    foil_rows: list[list[int]] = []
+    foil_att_rows: list[list[int]] = []
+    foil_mask_rows: list[list[bool]] = []
     tokens, token_ids, offsets, answer_tokens = [], [], [], []
-    for b, e in enumerate(examples):
+    for e in examples:
         start = prompt_width - len(e.prompt_ids)
-        prompt = torch.tensor(e.prompt_ids)
-        input_ids[b, start:prompt_width] = prompt
-        attention_mask[b, start:prompt_width] = 1
-        feature_mask[b, start:prompt_width] = ~torch.tensor(e.special)
         n_ans = len(e.answer_ids)
-        input_ids[b, prompt_width : prompt_width + n_ans] = torch.tensor(e.answer_ids)
-        attention_mask[b, prompt_width : prompt_width + n_ans] = 1
-        answer_mask[b, prompt_width : prompt_width + n_ans] = True
+        after = slot_width - n_ans
+        ids_rows.append([pad] * start + e.prompt_ids + e.answer_ids + [pad] * after)
+        att_rows.append([0] * start + [1] * (len(e.prompt_ids) + n_ans) + [0] * after)
+        feat_rows.append([False] * start + [not s for s in e.special] + [False] * slot_width)
+        ans_rows.append([False] * prompt_width + [True] * n_ans + [False] * after)
         if e.foil_ids is not None:
-            assert foil_ids is not None and foil_attention_mask is not None
-            assert foil_mask is not None
             n_foil = len(e.foil_ids)
-            foil_ids[b, start:prompt_width] = prompt
-            foil_ids[b, prompt_width : prompt_width + n_foil] = torch.tensor(e.foil_ids)
-            foil_attention_mask[b, start : prompt_width + n_foil] = 1
-            foil_mask[b, prompt_width : prompt_width + n_foil] = True
+            after_foil = slot_width - n_foil
+            foil_rows.append([pad] * start + e.prompt_ids + e.foil_ids + [pad] * after_foil)
+            foil_att_rows.append(
+                [0] * start + [1] * (len(e.prompt_ids) + n_foil) + [0] * after_foil
+            )
+            foil_mask_rows.append([False] * prompt_width + [True] * n_foil + [False] * after_foil)
         keep = [i for i, s in enumerate(e.special) if not s]
         ids = [e.prompt_ids[i] for i in keep]
         token_ids.append(ids)
         tokens.append(tokenizer.convert_ids_to_tokens(ids))
         offsets.append([e.offsets[i] for i in keep])
         answer_tokens.append(tokenizer.convert_ids_to_tokens(e.answer_ids))
+    input_ids = torch.tensor(ids_rows, dtype=torch.long).view(-1, seq)  # [batch, seq]
+    attention_mask = torch.tensor(att_rows, dtype=torch.long).view(-1, seq)  # [batch, seq]
+    feature_mask = torch.tensor(feat_rows, dtype=torch.bool).view(-1, seq)  # [batch, seq]
+    answer_mask = torch.tensor(ans_rows, dtype=torch.bool).view(-1, seq)  # [batch, seq]
+    foil_ids = torch.tensor(foil_rows, dtype=torch.long).view(-1, seq) if has_foil else None
+    foil_attention_mask = (
+        torch.tensor(foil_att_rows, dtype=torch.long).view(-1, seq) if has_foil else None
+    )
+    foil_mask = torch.tensor(foil_mask_rows, dtype=torch.bool).view(-1, seq) if has_foil else None
     return TokenBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -27,7 +27,7 @@ from tokattr.attribution import (
     batch_problem,
     build_method,
 )
-from tokattr.batching import Encoded, TokenBatch, collate, encode_example
+from tokattr.batching import Encoded, TokenBatch, collate, encode_examples
 from tokattr.data.arithmetic import FORMATTING, OPERAND, OPERATOR, label_prompt
 from tokattr.data.labels import token_roles
 from tokattr.methods.exact_shapley import ExactShapley
@@ -303,10 +303,7 @@ def evaluate(
         if len(answer_list) != len(prompt_list):
             raise ValueError(f"{len(answer_list)} answers for {len(prompt_list)} prompts")
     # Tokenize everything first: a bad prompt fails before any method has run.
-    encoded = [
-        encode_example(lm.tokenizer, p, a, None, lm.max_length)
-        for p, a in zip(prompt_list, answer_list, strict=True)
-    ]
+    encoded = encode_examples(lm.tokenizer, prompt_list, answer_list, None, lm.max_length)
     if "randomization_spearman" in names and random_model is None:
         random_model = reinitialised(lm, randomization_seed)
 
