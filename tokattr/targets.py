@@ -227,30 +227,23 @@ def _packed_score_columns(
     )
     tok_bin = bin_of_row[tok_row]
     pos = torch.where(tok_tail, width - tail_n[tok_bin] + rank, rank)  # [N]
-    # Packed inputs.
-    is_branch = tok_seg >= n_rows
-    vec = torch.empty(len(tok_seg), embeds.shape[-1], dtype=embeds.dtype, device=device)
-    vec[~is_branch] = embeds[tok_row[~is_branch], tok_col[~is_branch]]
-    b_idx = tok_seg[is_branch] - n_rows
-    vec[is_branch] = branches.embeds[b_idx, tok_col[is_branch]].to(embeds.dtype)
+    # Packed inputs. Tokens go segment by segment, rows first: the rows' tokens come first.
+    n_trunk = int(seg_len[:n_rows].sum())
+    t, b = slice(None, n_trunk), slice(n_trunk, None)
     x = torch.zeros(n_bins, width, embeds.shape[-1], dtype=embeds.dtype, device=device)
-    x[tok_bin, pos] = vec
+    x[tok_bin[t], pos[t]] = embeds[tok_row[t], tok_col[t]]
+    x[tok_bin[b], pos[b]] = branches.embeds[tok_seg[b] - n_rows, tok_col[b]].to(embeds.dtype)
     positions = torch.zeros(n_bins, width, dtype=position_ids.dtype, device=device)
     positions[tok_bin, pos] = position_ids[tok_row, tok_col]
-
-    def packed(values: Tensor, fill: int) -> Tensor:
-        out = torch.full((n_bins, width), fill, dtype=values.dtype, device=device)
-        out[tok_bin, pos] = values
-        return out
-
-    p_row, p_seg = packed(tok_row, -1), packed(tok_seg, -1)  # [bins, width]
-    p_col, p_start = packed(tok_col, 0), packed(seg_start[tok_seg], 0)
-    p_trunk = packed((~is_branch).long(), 0).bool()
+    # Per packed slot: its row, segment, column and segment's first column (-1, -1, 0, 0 on
+    # padding); a row's segment id is its row index.
+    slots = torch.tensor([-1, -1, 0, 0], device=device)[:, None, None].repeat(1, n_bins, width)
+    slots[:, tok_bin, pos] = torch.stack([tok_row, tok_seg, tok_col, seg_start[tok_seg]])
+    q, kk = slots[:, :, :, None], slots[:, :, None, :]  # as queries / as keys, [4, bins, w, w]
     # A query (segment g, column j) sees a key (g', j') of its own tree with j' <= j, from its
     # own segment or from the row's before g's start. Padding sees itself only.
-    q, kk = (slice(None), slice(None), None), (slice(None), None, slice(None))
-    ok = (p_row[q] == p_row[kk]) & (p_row[kk] >= 0) & (p_col[kk] <= p_col[q])
-    ok &= (p_seg[q] == p_seg[kk]) | (p_trunk[kk] & (p_col[kk] < p_start[q]))
+    ok = (q[0] == kk[0]) & (kk[0] >= 0) & (kk[2] <= q[2])
+    ok &= (q[1] == kk[1]) | ((kk[1] < n_rows) & (kk[2] < q[3]))
     ok |= torch.eye(width, dtype=torch.bool, device=device)
     mask = torch.zeros(ok.shape, dtype=embeds.dtype, device=device)
     mask.masked_fill_(~ok, torch.finfo(embeds.dtype).min)
