@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+
 import pytest
 import torch
 from _tiny import ALL_ARCHS, tiny_lm
 
+from tokattr import attribute, targets
 from tokattr.batching import collate, encode_example, encode_examples
 from tokattr.targets import TARGETS, log_prob, target_inputs
 
@@ -282,3 +287,101 @@ def test_branches_packing_and_errors():
     late = replace(branches, start=inputs.score_mask.long().argmax(-1).repeat(2))
     with pytest.raises(ValueError, match="before the first scored column"):
         log_prob(lm.model, embeds, inputs, branches=late)
+
+
+# --------------------------------------------------------------- last MLP on the tail only
+
+
+@contextlib.contextmanager
+def whole_passes(model):
+    """Run every pass whole (no last-MLP cut) inside the block."""
+    had, old = model in targets._TAIL_MLP, targets._TAIL_MLP.get(model)
+    targets._TAIL_MLP[model] = None
+    try:
+        yield
+    finally:
+        if had:
+            targets._TAIL_MLP[model] = old
+        else:
+            del targets._TAIL_MLP[model]
+
+
+def mlp_widths(model, run):
+    """``run()``'s result and the column counts the last decoder MLP computed on."""
+    widths = []
+    handle = targets.last_decoder_mlp(model).register_forward_hook(
+        lambda module, args, out: widths.append(out.shape[1])
+    )
+    try:
+        return run(), widths
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_last_mlp_runs_on_the_scored_columns_only(arch):
+    lm = tiny_lm(arch)
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    batch = collate(lm.tokenizer, examples)
+    keep = batch.input_ids.shape[1] - batch.prompt_width + 1  # logits of the answer slot
+    batch_scores(lm, PROMPTS, ANSWERS)  # the once-per-model probe runs here
+    cut, widths = mlp_widths(lm.model, lambda: batch_scores(lm, PROMPTS, ANSWERS))
+    assert widths == [keep]
+    with whole_passes(lm.model):
+        whole, widths = mlp_widths(lm.model, lambda: batch_scores(lm, PROMPTS, ANSWERS))
+    assert widths == [batch.input_ids.shape[1]]
+    torch.testing.assert_close(cut, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["occlusion", "kernel_shap", "integrated_gradients"])
+def test_cut_passes_give_the_same_attributions(method):
+    """Packed occlusion trees, full perturbed sequences, and gradients through the cut."""
+    lm = tiny_lm("llama")
+    params = {"kernel_shap": {"n_samples": 40}, "integrated_gradients": {"n_steps": 8}}
+    run = functools.partial(
+        attribute, lm, PROMPTS, method, target=ANSWERS, seed=0, **params.get(method, {})
+    )
+    run()  # the once-per-model probes run here
+    cut, cut_widths = mlp_widths(lm.model, run)
+    with whole_passes(lm.model):
+        whole, whole_widths = mlp_widths(lm.model, run)
+    # The same passes, each of whose last MLP computes fewer columns.
+    assert len(cut_widths) == len(whole_widths)
+    assert all(c < w for c, w in zip(cut_widths, whole_widths, strict=True))
+    for c, w in zip(cut, whole, strict=True):
+        torch.testing.assert_close(c.scores, w.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
+    lm = tiny_lm("llama")
+    seq = collate(
+        lm.tokenizer,
+        [encode_example(lm.tokenizer, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)],
+    ).input_ids.shape[1]
+
+    class Mixing(torch.nn.Module):
+        """The MLP plus a running sum over the earlier tokens: not token by token."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 0.1 * x.cumsum(1)
+
+    model = copy.deepcopy(lm.model)
+    model.model.layers[-1].mlp = Mixing(model.model.layers[-1].mlp)
+    mixed = type(lm)(model, lm.tokenizer, lm.name, lm.path)
+    assert targets._tail_mlp(model) is None  # the probe sees the logits move
+    got, widths = mlp_widths(model, lambda: batch_scores(mixed, PROMPTS, ANSWERS))
+    assert widths == [seq]
+    want = torch.stack(
+        [direct_token_log_probs(mixed, p, a).sum() for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    # Training mode (dropout would make the probe meaningless): no probe, no hooks.
+    training = copy.deepcopy(lm.model).train()
+    trained = type(lm)(training, lm.tokenizer, lm.name, lm.path)
+    _, widths = mlp_widths(training, lambda: batch_scores(trained, PROMPTS, ANSWERS))
+    assert widths == [seq] and training not in targets._TAIL_MLP
