@@ -411,6 +411,13 @@ def test_non_finite_scores_name_their_prompt_in_a_batch():
     prompts, answers = ["12+3=", "7x5=", "4900/100=", "9+9="], ["15", "35", "49", "18"]
     with pytest.raises(ValueError, match="gave NaN/inf scores for prompt '4900/100='"):
         attribute(lm, prompts, "occlusion", target=answers, target_fn=fragile_nines)
+
+    def inf_on_nines(model, embeds, inputs):
+        score = log_prob(model, embeds, inputs)
+        return torch.where((inputs.labels == nine).any(-1), float("inf"), score)
+
+    with pytest.raises(ValueError, match=r"not finite \(\[inf\]\) for prompt '4900/100='"):
+        attribute(lm, prompts, "saliency", target=answers, target_fn=inf_on_nines)
     for per_answer_token in (False, True):
         out = attribute(lm, prompts[:2], "occlusion", target=answers[:2],
                         target_fn=fragile_nines, per_answer_token=per_answer_token)  # fmt: skip

@@ -333,23 +333,91 @@ def test_last_mlp_runs_on_the_scored_columns_only(arch):
     torch.testing.assert_close(cut, whole, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["occlusion", "kernel_shap", "integrated_gradients"])
+@pytest.mark.parametrize(
+    "method", ["occlusion", "occlusion-cache", "kernel_shap", "integrated_gradients"]
+)
 def test_cut_passes_give_the_same_attributions(method):
-    """Packed occlusion trees, full perturbed sequences, and gradients through the cut."""
+    """Packed occlusion trees, key/value-cache passes, full perturbed sequences, and gradients
+    through the cut."""
+    from tokattr import attribution
+
     lm = tiny_lm("llama")
     params = {"kernel_shap": {"n_samples": 40}, "integrated_gradients": {"n_steps": 8}}
     run = functools.partial(
-        attribute, lm, PROMPTS, method, target=ANSWERS, seed=0, **params.get(method, {})
+        attribute,
+        lm,
+        PROMPTS,
+        method.removesuffix("-cache"),
+        target=ANSWERS,
+        seed=0,
+        **params.get(method, {}),
     )
     run()  # the once-per-model probes run here
-    cut, cut_widths = mlp_widths(lm.model, run)
-    with whole_passes(lm.model):
-        whole, whole_widths = mlp_widths(lm.model, run)
-    # The same passes, each of whose last MLP computes fewer columns.
+    packs = attribution._BRANCHES_OK[lm.model]
+    if method == "occlusion-cache":  # as on a model that cannot pack
+        attribution._BRANCHES_OK[lm.model] = False
+    try:
+        cut, cut_widths = mlp_widths(lm.model, run)
+        with whole_passes(lm.model):
+            whole, whole_widths = mlp_widths(lm.model, run)
+    finally:
+        attribution._BRANCHES_OK[lm.model] = packs
+    # The same passes, each of whose last MLP computes fewer columns (a cache pass that starts
+    # at the last prompt column has none to leave out).
     assert len(cut_widths) == len(whole_widths)
-    assert all(c < w for c, w in zip(cut_widths, whole_widths, strict=True))
+    assert all(c <= w for c, w in zip(cut_widths, whole_widths, strict=True))
+    assert sum(cut_widths) < 0.8 * sum(whole_widths)
     for c, w in zip(cut, whole, strict=True):
         torch.testing.assert_close(c.scores, w.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_innermost_block_cuts_and_only_once():
+    lm = tiny_lm("llama")
+    x = lm.model.get_input_embeddings()(torch.arange(4, 16)[None])  # [1, 12, d]
+    pos = torch.arange(12)[None]
+
+    def logits(keep=None):
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        with torch.no_grad():
+            return lm.model(inputs_embeds=x, position_ids=pos, **kwargs).logits
+
+    full = logits()
+    targets.tail_mlp(lm.model)  # probed before the hooks count
+
+    def nested():
+        with targets.last_mlp_on_tail(lm.model, 12, 1):
+            with targets.last_mlp_on_tail(lm.model, 12, 7):
+                inner = logits(7)
+            return inner, logits(1), logits(3)  # the outer block's first call is cut, not the next
+
+    (inner, outer, after), widths = mlp_widths(lm.model, nested)
+    assert widths == [7, 1, 12]
+    torch.testing.assert_close(inner, full[:, -7:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outer, full[:, -1:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(after, full[:, -3:], atol=1e-6, rtol=1e-6)
+
+
+def test_a_failing_probe_warns_and_runs_whole():
+    lm = tiny_lm("llama")
+
+    class NoShortInputs(torch.nn.Module):
+        def __init__(self, inner, error):
+            super().__init__()
+            self.inner, self.error = inner, error
+
+        def forward(self, x):
+            if x.shape[1] < 8:
+                raise self.error
+            return self.inner(x)
+
+    model = copy.deepcopy(lm.model)
+    inner = model.model.layers[-1].mlp
+    model.model.layers[-1].mlp = NoShortInputs(inner, torch.OutOfMemoryError("no room"))
+    assert targets.tail_mlp(model) is None and model not in targets._TAIL_MLP  # asks again
+    model.model.layers[-1].mlp = NoShortInputs(inner, ValueError("short"))
+    with pytest.warns(RuntimeWarning, match="probe failed: ValueError: short"):
+        assert targets.tail_mlp(model) is None
+    assert targets._TAIL_MLP[model] is None
 
 
 def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
@@ -372,7 +440,7 @@ def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
     model = copy.deepcopy(lm.model)
     model.model.layers[-1].mlp = Mixing(model.model.layers[-1].mlp)
     mixed = type(lm)(model, lm.tokenizer, lm.name, lm.path)
-    assert targets._tail_mlp(model) is None  # the probe sees the logits move
+    assert targets.tail_mlp(model) is None  # the probe sees the logits move
     got, widths = mlp_widths(model, lambda: batch_scores(mixed, PROMPTS, ANSWERS))
     assert widths == [seq]
     want = torch.stack(

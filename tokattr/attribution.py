@@ -27,6 +27,7 @@ from tokattr.targets import (
     TargetInputs,
     answer_log_probs,
     contrast,
+    tail_mlp,
     target_inputs,
 )
 
@@ -266,6 +267,7 @@ def _attribute_batch(
             branches_ok=getattr(runner, "packs_branches", False) and supports_branches(lm, fn),
             shape=ModelShape.of(model),
         )
+        tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()
         out = runner.attribute(problem)
         elapsed = (time.perf_counter() - t0) * 1000 / len(rows)

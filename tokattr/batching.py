@@ -139,8 +139,14 @@ def encode_examples(
     """:func:`encode_example` for each ``(prompt, answer, foil)``, with every prompt and every
     ``prompt + answer`` (and ``prompt + foil``) text tokenized in one batched tokenizer call
     (one call's overhead, not one per text). Same results and errors, in the same order, as
-    :func:`encode_example` on each example in turn."""
+    :func:`encode_example` on each example in turn (except where the tokenizer itself raises on
+    a text: then that error comes first)."""
     foil_list = [None] * len(prompts) if foils is None else list(foils)
+    if not len(prompts) == len(answers) == len(foil_list):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(answers)} answers and {len(foil_list)} foils: give "
+            "one of each per example"
+        )
     texts: dict[str, None] = {}  # ordered, unique
     for p, a, f in zip(prompts, answers, foil_list, strict=True):
         if not (isinstance(p, str) and p):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -297,17 +299,21 @@ filled below."""
 
 @contextlib.contextmanager
 def last_mlp_on_tail(model: nn.Module, width: int, keep: int) -> Iterator[None]:
-    """Within the block, a forward over ``width`` columns of which only the last ``keep`` are
-    read (their logits) runs its last decoder layer's MLP on those ``keep`` columns only.
+    """Within the block, the next forward over ``width`` columns, of which only the last
+    ``keep`` are read (their logits), runs its last decoder layer's MLP on those ``keep``
+    columns only.
 
     The other columns' last-layer outputs reach nothing that is read: no later layer attends
     to them, and their logits are not kept. The last layer's attention still reads every
     column's keys and values (computed before the MLP), so the kept columns' logits are those
-    of the full pass (the MLP works token by token), while a pass whose scored answer covers a
-    third of the columns skips about half of its last layer. Models where a probe
-    (:func:`_tail_mlp`, once per model) does not confirm this, and models in training mode,
-    run the whole pass."""
-    mlp = _tail_mlp(model) if keep < width and not model.training else None
+    of the full pass up to floating-point rounding (the MLP works token by token; its matrix
+    products then run on fewer rows), while a pass whose scored answer covers a third of the
+    columns skips most of its last layer. Models where a probe (:func:`tail_mlp`, once per
+    model) does not confirm this, and models in training mode, run the whole pass.
+
+    Only the first call of the MLP in the block, on this thread, from the innermost such block
+    is cut; other forward hooks on that MLP see its ``[batch, keep, d]`` output."""
+    mlp = tail_mlp(model) if keep < width and not model.training else None
     if mlp is None:
         yield
         return
@@ -316,15 +322,21 @@ def last_mlp_on_tail(model: nn.Module, width: int, keep: int) -> Iterator[None]:
 
 
 class _TailOnly:
-    """Hooks on an MLP that run it on the last ``keep`` of ``width`` columns and give zeros on
-    the others; an input of another shape runs whole."""
+    """Hooks on an MLP that run its next call on the last ``keep`` of ``width`` columns and
+    give zeros on the others; an input of another shape runs whole. Active on the entering
+    thread, innermost block first."""
+
+    _active = threading.local()  # .blocks: {id(mlp): the innermost _TailOnly on it}
 
     def __init__(self, mlp: nn.Module, width: int, keep: int) -> None:
         self.mlp, self.width, self.keep = mlp, width, keep
-        self.cuts = 0  # calls cut to the tail
+        self.cuts = 0  # calls cut to the tail (at most 1)
+        self._cut = False
 
     def __enter__(self) -> _TailOnly:
-        self._cut = False
+        blocks = self._blocks()
+        self._outer = blocks.get(id(self.mlp))
+        blocks[id(self.mlp)] = self
         self.handles = [
             self.mlp.register_forward_pre_hook(self._before),
             self.mlp.register_forward_hook(self._after),
@@ -334,10 +346,27 @@ class _TailOnly:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+        blocks = self._blocks()
+        if self._outer is None:
+            blocks.pop(id(self.mlp), None)
+        else:
+            blocks[id(self.mlp)] = self._outer
+
+    @classmethod
+    def _blocks(cls) -> dict[int, _TailOnly]:
+        if not hasattr(cls._active, "blocks"):
+            cls._active.blocks = {}
+        return cls._active.blocks
 
     def _before(self, module: nn.Module, args: tuple) -> tuple | None:
         x = args[0] if args else None
-        self._cut = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == self.width
+        self._cut = (
+            self.cuts == 0
+            and self._blocks().get(id(self.mlp)) is self
+            and isinstance(x, Tensor)
+            and x.dim() == 3
+            and x.shape[1] == self.width
+        )
         if not self._cut:
             return None
         assert isinstance(x, Tensor)
@@ -374,17 +403,25 @@ TAIL_PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 MLP runs on the tail only that the probe takes for rounding; other dtypes: 1e-2."""
 
 
-def _tail_mlp(model: nn.Module) -> nn.Module | None:
+def tail_mlp(model: nn.Module) -> nn.Module | None:
     """The last decoder MLP where running it on the last columns only leaves their logits as
-    they are, probed once per model on two 8-token sequences (last 3 columns kept): a module
-    that mixes tokens, takes or returns anything but ``[batch, seq, d]``, or fails, is left
-    alone."""
+    they are (:func:`last_mlp_on_tail`), probed once per model on two 8-token sequences (last
+    3 columns kept): a module that mixes tokens, takes or returns anything but
+    ``[batch, seq, d]``, or fails (with a warning), is left alone. ``None``: run it whole."""
     if model not in _TAIL_MLP:
         mlp = last_decoder_mlp(model)
         if mlp is not None:
             try:
                 mlp = mlp if _tail_probe(model, mlp) else None
-            except Exception:  # any failure: leave the model as it is
+            except torch.OutOfMemoryError:
+                return None  # not cached: the next pass probes again
+            except Exception as err:
+                warnings.warn(
+                    f"passes run their last MLP on every column for this model (the probe "
+                    f"failed: {type(err).__name__}: {err})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 mlp = None
         _TAIL_MLP[model] = mlp
     return _TAIL_MLP[model]
