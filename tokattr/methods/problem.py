@@ -148,6 +148,10 @@ class AttributionProblem:
     @torch.no_grad()
     def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
         """The target on rows with some features removed, ``batch_size`` sequences per forward.
+        Each distinct perturbation of a row runs once (coalition samplers draw many repeats:
+        the whole prompt ends every Shapley-sampling permutation, and Kernel SHAP's few likely
+        coalition sizes on a short prompt have few members), so a row may put fewer sequences
+        through the model than it has perturbations.
 
         Args:
             rows: ``[n]`` which row each perturbation belongs to.
@@ -163,14 +167,19 @@ class AttributionProblem:
         width = keep.shape[1]
         columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
+        # Slots past a row's features point at a non-feature column: always "keep" there.
+        keep = keep | (slots >= self.n_features[rows, None])  # [n, k]
+        distinct, repeat = torch.unique(
+            torch.cat([rows[:, None], keep.long()], dim=1), dim=0, return_inverse=True
+        )  # [m, 1 + k], [n]
+        rows, keep = distinct[:, 0], distinct[:, 1:].bool()
 
         order = self.by_length(rows)
         rows, keep = rows[order], keep[order]
 
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]  # [chunk]
-            # Slots past a row's features point at a non-feature column: always "keep" there.
-            k = keep[i:j] | (slots >= self.n_features[r, None])  # [chunk, k]
+            k = keep[i:j]  # [chunk, k]
             col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
             col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
             cols = self.trim(r)
@@ -178,8 +187,8 @@ class AttributionProblem:
             with torch.inference_mode():  # faster; the result is copied out of it below
                 return self.forward(x, self.inputs.select(r, cols))
 
-        out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
-        return torch.empty_like(out).index_copy_(0, order, out)
+        out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [m] in length order
+        return torch.empty_like(out).index_copy_(0, order, out)[repeat]
 
     @torch.no_grad()
     def interpolate(self, rows: Tensor, alpha: Tensor) -> Tensor:
