@@ -21,8 +21,11 @@ class ShapleyValueSampling:
     through the model per forward; here every prefix of every permutation of every row is
     evaluated ``batch_size`` sequences per forward. The orders are drawn exactly as Captum
     draws them (``torch.randperm`` per sample, from the row's seed), so the scores equal
-    Captum's with the same seed (checked in the tests). ``1 + n_samples * n`` evaluations per
-    row, as in Captum.
+    Captum's with the same seed (checked in the tests). Captum evaluates ``1 + n_samples * n``
+    sequences per row; here each distinct coalition runs once
+    (:meth:`~tokattr.methods.problem.AttributionProblem.evaluate`): the whole prompt ends every
+    permutation, and short prompts repeat many prefixes (55% of the sequences remain on the
+    bundled model's 32 benchmark prompts with 25 permutations).
 
     Args:
         n_samples: random permutations per row, >= 1.
