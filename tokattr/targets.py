@@ -308,8 +308,8 @@ def last_mlp_on_tail(model: nn.Module, width: int, keep: int) -> Iterator[None]:
     column's keys and values (computed before the MLP), so the kept columns' logits are those
     of the full pass up to floating-point rounding (the MLP works token by token; its matrix
     products then run on fewer rows), while a pass whose scored answer covers a third of the
-    columns skips most of its last layer. Models where a probe (:func:`tail_mlp`, once per
-    model) does not confirm this, and models in training mode, run the whole pass.
+    columns skips its last MLP on the other two thirds. Models where a probe (:func:`tail_mlp`,
+    once per model) does not confirm this, and models in training mode, run the whole pass.
 
     Only the first call of the MLP in the block, on this thread, from the innermost such block
     is cut; other forward hooks on that MLP see its ``[batch, keep, d]`` output."""
