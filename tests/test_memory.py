@@ -116,6 +116,7 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     that runs out of memory is split, and the scores stay the same."""
     from tokattr import targets
     from tokattr.memory import packed_rows_per_pass
+    from tokattr.methods import occlusion
 
     lm = tiny_lm("llama")
     shape = ModelShape.of(lm.model)
@@ -125,6 +126,7 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     batch = collate(lm.tokenizer, encoded)
     seq, scored = batch.input_ids.shape[1], batch.input_ids.shape[1] - batch.prompt_width + 1
     budget = 6 * bytes_per_sequence(shape, seq, False, scored)
+    attribute(lm, prompts[:1], "occlusion", target=answers[:1])  # the once-per-model probes
     passes = []
     hook = lm.model.register_forward_pre_hook(
         lambda _, args, kw: passes.append(
@@ -132,19 +134,28 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
         ),
         with_kwargs=True,
     )
+    real = targets._packed_score_columns
+    calls = []
+
+    def counted(model, embeds, *args):
+        calls.append(args[-1].passes)
+        return real(model, embeds, *args)
+
+    monkeypatch.setattr(targets, "_packed_score_columns", counted)
     try:
         got = attribute(lm, prompts, "occlusion", target=answers, memory_budget=budget)
     finally:
         hook.remove()
     packed = [p[:3] for p in passes if p[3] == 4]
     assert len(packed) > 1
+    # The passes are laid out and scored up to PASSES_PER_CALL at a time.
+    assert len(calls) == -(-len(packed) // occlusion.PASSES_PER_CALL) < len(packed)
+    assert calls[0] == packed[0][0]
     n = sequences_per_pass(lm.model, seq, False, budget, scored)
     for rows, width, keep in packed:
         assert rows <= packed_rows_per_pass(shape, n, seq, scored, width, keep)
         per_row = bytes_per_sequence(shape, width, False, keep) + width * width * 4
         assert rows == 1 or rows * per_row <= n * bytes_per_sequence(shape, seq, False, scored)
-
-    real = targets._packed_score_columns
 
     def fragile(model, embeds, *args):
         if args[-1].packing is not None and len(set(args[-1].packing.tolist())) > 1:

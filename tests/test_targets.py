@@ -262,7 +262,7 @@ def test_branches_packing_and_errors():
     result does not depend on the packing. A branch that starts in the answer is refused."""
     from dataclasses import replace
 
-    from tokattr.targets import first_fit_trees
+    from tokattr.targets import first_fit_trees, tree_sizes
 
     assert first_fit_trees([5, 3, 2, 4, 1]) == [0, 2, 2, 1, 1]  # 5 | 4+1 | 3+2
     assert first_fit_trees([5, 3, 2], width=10) == [0, 0, 0]
@@ -270,20 +270,30 @@ def test_branches_packing_and_errors():
         first_fit_trees([5, 3], width=4)
     lm = tiny_lm("llama")
     embeds, inputs, branches, _ = _branched(lm)
+    targets.tail_mlp(lm.model)  # the once-per-model probe runs before the hook
     shapes = []
     hook = lm.model.register_forward_pre_hook(
         lambda _, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape)),
         with_kwargs=True,
     )
+    n = embeds.shape[0]
     try:
         with torch.no_grad():
             default = log_prob(lm.model, embeds, inputs, branches=branches)
-            alone = replace(branches, packing=torch.arange(embeds.shape[0]))
+            alone = replace(branches, packing=torch.arange(n))
             each = log_prob(lm.model, embeds, inputs, branches=alone)
+            by_two = log_prob(lm.model, embeds, inputs, branches=replace(alone, passes=2))
     finally:
         hook.remove()
-    assert shapes[0][0] < embeds.shape[0] == shapes[1][0]  # shared sequences, then one each
+    assert shapes[0][0] < n == shapes[1][0]  # shared sequences, then one each
     torch.testing.assert_close(default, each, atol=1e-5, rtol=1e-5)
+    # Two packed sequences a pass, in packing order, each pass as wide as its own sequences:
+    # the trees grow with the prompt, so the passes' widths differ.
+    assert [s[0] for s in shapes[2:]] == [2] * (n // 2) + [1] * (n % 2)
+    sizes, _ = tree_sizes(inputs, branches.start, branches.rows)
+    assert [s[1] for s in shapes[2:]] == [int(sizes[i : i + 2].max()) for i in range(0, n, 2)]
+    assert len({s[1] for s in shapes[2:]}) > 1
+    torch.testing.assert_close(by_two, each, atol=1e-5, rtol=1e-5)
     late = replace(branches, start=inputs.score_mask.long().argmax(-1).repeat(2))
     with pytest.raises(ValueError, match="before the first scored column"):
         log_prob(lm.model, embeds, inputs, branches=late)

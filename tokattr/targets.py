@@ -133,12 +133,17 @@ class Branches:
     out as ``[prefix tokens of every sequence, padding, scored tokens of every sequence]`` so
     one ``logits_to_keep`` covers the scored tokens of all of them; short trees share a packed
     sequence (``packing``, by default :func:`first_fit_trees`).
+
+    ``passes``: the packed sequences go through the model that many at a time (in the order
+    of their ``packing`` ids), each forward pass as wide as its own sequences; all of them are
+    laid out (and scored) at once, so a call's fixed cost is paid once, not once per pass.
     """
 
     rows: Tensor  # [n] the row (of the call's embeds) each branch copies
     start: Tensor  # [n] first column where it differs; at most the row's first scored column - 1
     embeds: Tensor  # [n, seq, d_model] the branch's embeddings (columns before start not read)
     packing: Tensor | None = None  # [batch] packed sequence of each row (None: first_fit_trees)
+    passes: int | None = None  # packed sequences per forward pass (None: all in one)
 
 
 def tree_sizes(inputs: TargetInputs, start: Tensor, branch_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,19 +224,27 @@ def _packed_score_columns(
     tok_col = seg_start[tok_seg] + within
     tok_row = seg_row[tok_seg]
     tok_tail = tok_col >= first[tok_row] - 1  # its logits score a token
-    # Place tokens: in each packed sequence, prefix tokens from the left, scored ones at the end.
+    # Place tokens: in each packed sequence, prefix tokens from the left, scored ones at the end
+    # of the sequences of its pass (a pass is as wide as its fullest sequence).
     group = bin_of_row[tok_row] * 2 + tok_tail.long()  # [N]
     order = torch.argsort(group, stable=True)
     counts = torch.bincount(group, minlength=2 * n_bins)  # [2 * bins]
     body_n, tail_n = counts[0::2], counts[1::2]
-    width = int((body_n + tail_n).max())
-    keep = int(tail_n.max())
+    per_pass = n_bins if branches.passes is None else max(1, int(branches.passes))
+    n_passes = -(-n_bins // per_pass)
+    pass_of_bin = torch.arange(n_bins, device=device) // per_pass
+    pass_width = torch.zeros(n_passes, dtype=torch.long, device=device)
+    pass_width.scatter_reduce_(0, pass_of_bin, body_n + tail_n, "amax")
+    pass_keep = torch.zeros_like(pass_width).scatter_reduce_(0, pass_of_bin, tail_n, "amax")
     rank = torch.empty_like(order)
     rank[order] = (
         torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[group[order]]
     )
     tok_bin = bin_of_row[tok_row]
-    pos = torch.where(tok_tail, width - tail_n[tok_bin] + rank, rank)  # [N]
+    bin_width = pass_width[pass_of_bin]  # [bins]
+    pos = torch.where(tok_tail, bin_width[tok_bin] - tail_n[tok_bin] + rank, rank)  # [N]
+    widths, keeps = pass_width.tolist(), pass_keep.tolist()
+    width = max(widths)
     # Packed inputs. Tokens go segment by segment, rows first: the rows' tokens come first.
     n_trunk = int(seg_len[:n_rows].sum())
     t, b = slice(None, n_trunk), slice(n_trunk, None)
@@ -244,29 +257,45 @@ def _packed_score_columns(
     # padding); a row's segment id is its row index.
     slots = torch.tensor([-1, -1, 0, 0], device=device)[:, None, None].repeat(1, n_bins, width)
     slots[:, tok_bin, pos] = torch.stack([tok_row, tok_seg, tok_col, seg_start[tok_seg]])
-    q, kk = slots[:, :, :, None], slots[:, :, None, :]  # as queries / as keys, [4, bins, w, w]
-    # A query (segment g, column j) sees a key (g', j') of its own tree with j' <= j, from its
-    # own segment or from the row's before g's start. Padding sees itself only.
-    ok = (q[0] == kk[0]) & (kk[0] >= 0) & (kk[2] <= q[2])
-    ok &= (q[1] == kk[1]) | ((kk[1] < n_rows) & (kk[2] < q[3]))
-    ok |= torch.eye(width, dtype=torch.bool, device=device)
-    mask = torch.zeros(ok.shape, dtype=embeds.dtype, device=device)
-    mask.masked_fill_(~ok, torch.finfo(embeds.dtype).min)
-    kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
-    with last_mlp_on_tail(model, width, keep):
-        out = model(
-            inputs_embeds=x,
-            attention_mask=mask[:, None],
-            position_ids=positions,
-            use_cache=False,
-            **kwargs,
-        )
-    logits = out.logits[:, -keep:]  # [bins, keep, vocab]
+
+    def tree_mask(b0: int, b1: int, w: int) -> Tensor:
+        """The attention mask of packed sequences ``b0 .. b1 - 1``, ``w`` wide. A query
+        (segment g, column j) sees a key (g', j') of its own tree with j' <= j, from its own
+        segment or from the row's before g's start. Padding sees itself only."""
+        s = slots[:, b0:b1, :w]
+        q, kk = s[:, :, :, None], s[:, :, None, :]  # as queries / as keys, [4, bins, w, w]
+        ok = (q[0] == kk[0]) & (kk[0] >= 0) & (kk[2] <= q[2])
+        ok &= (q[1] == kk[1]) | ((kk[1] < n_rows) & (kk[2] < q[3]))
+        ok |= torch.eye(w, dtype=torch.bool, device=device)
+        mask = torch.zeros(ok.shape, dtype=embeds.dtype, device=device)
+        return mask.masked_fill_(~ok, torch.finfo(embeds.dtype).min)[:, None]
+
+    # The scored tokens, pass by pass.
     tail = tok_tail.nonzero().squeeze(-1)  # [T]
-    tok_logits = logits[tok_bin[tail], pos[tail] - (width - keep)].float()  # [T, vocab]
-    target = labels[tok_row[tail], tok_col[tail] + 1]  # [T]
-    chosen = tok_logits.gather(-1, target[:, None]).squeeze(-1)  # [T]
-    logp = chosen - tok_logits.logsumexp(-1)
+    tail = tail[torch.argsort(tok_bin[tail], stable=True)]
+    in_pass = torch.bincount(pass_of_bin[tok_bin[tail]], minlength=n_passes).tolist()
+    chosen_parts, logp_parts = [], []
+    done = 0
+    for p, (w, keep, n_tail) in enumerate(zip(widths, keeps, in_pass, strict=True)):
+        b0, b1 = p * per_pass, min(n_bins, (p + 1) * per_pass)
+        kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+        with last_mlp_on_tail(model, w, keep):
+            out = model(
+                inputs_embeds=x[b0:b1, :w].contiguous(),
+                attention_mask=tree_mask(b0, b1, w),
+                position_ids=positions[b0:b1, :w].contiguous(),
+                use_cache=False,
+                **kwargs,
+            )
+        mine = tail[done : done + n_tail]
+        done += n_tail
+        logits = out.logits[:, -keep:]  # [bins of the pass, keep, vocab]
+        tok_logits = logits[tok_bin[mine] - b0, pos[mine] - (w - keep)].float()  # [t, vocab]
+        target = labels[tok_row[mine], tok_col[mine] + 1]  # [t]
+        chosen = tok_logits.gather(-1, target[:, None]).squeeze(-1)  # [t]
+        chosen_parts.append(chosen)
+        logp_parts.append(chosen - tok_logits.logsumexp(-1))
+    chosen, logp = torch.cat(chosen_parts), torch.cat(logp_parts)
     slot = tok_seg[tail] * k + tok_col[tail] + 1 - (seq - k)  # into [S, k]
     scored = score_mask[tok_row[tail], tok_col[tail] + 1]
     zero = torch.zeros((), dtype=logp.dtype, device=device)
