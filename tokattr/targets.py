@@ -253,22 +253,24 @@ def _packed_score_columns(
     x[tok_bin[b], pos[b]] = branches.embeds[tok_seg[b] - n_rows, tok_col[b]].to(embeds.dtype)
     positions = torch.zeros(n_bins, width, dtype=position_ids.dtype, device=device)
     positions[tok_bin, pos] = position_ids[tok_row, tok_col]
-    # Per packed slot: its row, segment, column and segment's first column (-1, -1, 0, 0 on
-    # padding); a row's segment id is its row index.
-    slots = torch.tensor([-1, -1, 0, 0], device=device)[:, None, None].repeat(1, n_bins, width)
-    slots[:, tok_bin, pos] = torch.stack([tok_row, tok_seg, tok_col, seg_start[tok_seg]])
+    # Per packed slot: its segment, column, segment's first column, and (trunk tokens) its row;
+    # padding: segment -1 (it sees padding only), trunk row -2 (no query's row).
+    seg_trunk = torch.where(tok_seg < n_rows, tok_row, -2)
+    slots = torch.tensor([-1, 0, 0, -2], device=device)[:, None, None].repeat(1, n_bins, width)
+    slots[:, tok_bin, pos] = torch.stack([tok_seg, tok_col, seg_start[tok_seg], seg_trunk])
+    slot_row = torch.full((n_bins, width), -1, dtype=torch.long, device=device)
+    slot_row[tok_bin, pos] = tok_row
 
     def tree_mask(b0: int, b1: int, w: int) -> Tensor:
         """The attention mask of packed sequences ``b0 .. b1 - 1``, ``w`` wide. A query
-        (segment g, column j) sees a key (g', j') of its own tree with j' <= j, from its own
-        segment or from the row's before g's start. Padding sees itself only."""
-        s = slots[:, b0:b1, :w]
-        q, kk = s[:, :, :, None], s[:, :, None, :]  # as queries / as keys, [4, bins, w, w]
-        ok = (q[0] == kk[0]) & (kk[0] >= 0) & (kk[2] <= q[2])
-        ok &= (q[1] == kk[1]) | ((kk[1] < n_rows) & (kk[2] < q[3]))
-        ok |= torch.eye(w, dtype=torch.bool, device=device)
-        mask = torch.zeros(ok.shape, dtype=embeds.dtype, device=device)
-        return mask.masked_fill_(~ok, torch.finfo(embeds.dtype).min)[:, None]
+        (segment g, column j) sees a key (g', j') with j' <= j from its own segment, and its
+        row's tokens before g's start."""
+        seg, col, start, _ = slots[:, b0:b1, :w, None]  # as queries, [bins, w, 1] each
+        k_seg, k_col, _, k_trunk = slots[:, b0:b1, None, :w]  # as keys, [bins, 1, w] each
+        ok = (seg == k_seg) & (k_col <= col)
+        ok |= (k_trunk == slot_row[b0:b1, :w, None]) & (k_col < start)
+        zero = torch.zeros((), dtype=embeds.dtype, device=device)
+        return torch.where(ok, zero, torch.finfo(embeds.dtype).min)[:, None]
 
     # The scored tokens, pass by pass.
     tail = tok_tail.nonzero().squeeze(-1)  # [T]
