@@ -269,7 +269,7 @@ def test_branches_packing_and_errors():
     with pytest.raises(ValueError, match="does not fit"):
         first_fit_trees([5, 3], width=4)
     lm = tiny_lm("llama")
-    embeds, inputs, branches, _ = _branched(lm)
+    embeds, inputs, branches, copies = _branched(lm)
     targets.tail_mlp(lm.model)  # the once-per-model probe runs before the hook
     shapes = []
     hook = lm.model.register_forward_pre_hook(
@@ -294,6 +294,11 @@ def test_branches_packing_and_errors():
     assert [s[1] for s in shapes[2:]] == [int(sizes[i : i + 2].max()) for i in range(0, n, 2)]
     assert len({s[1] for s in shapes[2:]}) > 1
     torch.testing.assert_close(by_two, each, atol=1e-5, rtol=1e-5)
+    # Branches given as their start column only ([n, d_model]): the rest is the row's.
+    at_start = copies[torch.arange(len(branches.rows)), branches.start]
+    with torch.no_grad():
+        only_start = log_prob(lm.model, embeds, inputs, branches=replace(branches, embeds=at_start))
+    torch.testing.assert_close(only_start, default, atol=1e-6, rtol=1e-6)
     late = replace(branches, start=inputs.score_mask.long().argmax(-1).repeat(2))
     with pytest.raises(ValueError, match="before the first scored column"):
         log_prob(lm.model, embeds, inputs, branches=late)

@@ -141,7 +141,9 @@ class Branches:
 
     rows: Tensor  # [n] the row (of the call's embeds) each branch copies
     start: Tensor  # [n] first column where it differs; at most the row's first scored column - 1
-    embeds: Tensor  # [n, seq, d_model] the branch's embeddings (columns before start not read)
+    # [n, seq, d_model] the branch's embeddings (columns before start not read), or [n, d_model]:
+    # the branch is its row with only column ``start`` replaced by this vector.
+    embeds: Tensor
     packing: Tensor | None = None  # [batch] packed sequence of each row (None: first_fit_trees)
     passes: int | None = None  # packed sequences per forward pass (None: all in one)
 
@@ -249,26 +251,30 @@ def _packed_score_columns(
     n_trunk = int(seg_len[:n_rows].sum())
     t, b = slice(None, n_trunk), slice(n_trunk, None)
     x = torch.zeros(n_bins, width, embeds.shape[-1], dtype=embeds.dtype, device=device)
-    x[tok_bin[t], pos[t]] = embeds[tok_row[t], tok_col[t]]
-    x[tok_bin[b], pos[b]] = branches.embeds[tok_seg[b] - n_rows, tok_col[b]].to(embeds.dtype)
+    if branches.embeds.dim() == 2:  # the rows' tokens, each branch's start column replaced
+        x[tok_bin, pos] = embeds[tok_row, tok_col]
+        start_tok = seg_first_tok[n_rows:]
+        x[tok_bin[start_tok], pos[start_tok]] = branches.embeds.to(embeds.dtype)
+    else:
+        x[tok_bin[t], pos[t]] = embeds[tok_row[t], tok_col[t]]
+        x[tok_bin[b], pos[b]] = branches.embeds[tok_seg[b] - n_rows, tok_col[b]].to(embeds.dtype)
     positions = torch.zeros(n_bins, width, dtype=position_ids.dtype, device=device)
     positions[tok_bin, pos] = position_ids[tok_row, tok_col]
-    # Per packed slot: its segment, column, segment's first column, and (trunk tokens) its row;
-    # padding: segment -1 (it sees padding only), trunk row -2 (no query's row).
+    # Per packed slot: its segment, column, segment's first column, row, and row if a trunk
+    # token; padding: segment -1 (it sees padding only), row -1, trunk row -2 (no query's row).
     seg_trunk = torch.where(tok_seg < n_rows, tok_row, -2)
-    slots = torch.tensor([-1, 0, 0, -2], device=device)[:, None, None].repeat(1, n_bins, width)
-    slots[:, tok_bin, pos] = torch.stack([tok_seg, tok_col, seg_start[tok_seg], seg_trunk])
-    slot_row = torch.full((n_bins, width), -1, dtype=torch.long, device=device)
-    slot_row[tok_bin, pos] = tok_row
+    slots = torch.tensor([-1, 0, 0, -1, -2], device=device)[:, None, None]
+    slots = slots.repeat(1, n_bins, width)
+    slots[:, tok_bin, pos] = torch.stack([tok_seg, tok_col, seg_start[tok_seg], tok_row, seg_trunk])
 
     def tree_mask(b0: int, b1: int, w: int) -> Tensor:
         """The attention mask of packed sequences ``b0 .. b1 - 1``, ``w`` wide. A query
         (segment g, column j) sees a key (g', j') with j' <= j from its own segment, and its
         row's tokens before g's start."""
-        seg, col, start, _ = slots[:, b0:b1, :w, None]  # as queries, [bins, w, 1] each
-        k_seg, k_col, _, k_trunk = slots[:, b0:b1, None, :w]  # as keys, [bins, 1, w] each
+        seg, col, start, row, _ = slots[:, b0:b1, :w, None]  # as queries, [bins, w, 1] each
+        k_seg, k_col, _, _, k_trunk = slots[:, b0:b1, None, :w]  # as keys, [bins, 1, w] each
         ok = (seg == k_seg) & (k_col <= col)
-        ok |= (k_trunk == slot_row[b0:b1, :w, None]) & (k_col < start)
+        ok |= (k_trunk == row) & (k_col < start)
         zero = torch.zeros((), dtype=embeds.dtype, device=device)
         return torch.where(ok, zero, torch.finfo(embeds.dtype).min)[:, None]
 

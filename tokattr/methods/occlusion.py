@@ -155,16 +155,14 @@ def _sharing_prefixes(
         at_row[r] = -1
         x = problem.embeds[r][:, cols]
         c = columns[mine] - cols.start
-        branch = x[at]  # a copy (advanced indexing)
-        base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]
-        branch[torch.arange(len(mine), device=device), c] = base
+        base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]: the removed tokens
         packing = torch.tensor([k for k, b in enumerate(bins[i:j]) for _ in b], device=device)
         passes = min(n_per_pass, j - i)
         with torch.inference_mode():
             f = problem.forward(
                 x,
                 problem.inputs.select(r, cols),
-                branches=Branches(at, c, branch, packing, passes=passes),
+                branches=Branches(at, c, base, packing, passes=passes),
             )
         fx[r] = f[: len(r)].to(fx.dtype)
         removed[mine] = f[len(r) :].to(removed.dtype)
