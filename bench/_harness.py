@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 import tokattr
+from tokattr.allocator import malloc_env
 from tokattr.attribution import method_parameters
 from tokattr.batching import TokenBatch, collate, encode_example
 from tokattr.data.arithmetic import ArithmeticGenerator, with_demonstrations
@@ -747,7 +748,12 @@ def _run_worker(
         text=True,
         timeout=timeout_s,
         cwd=str(REPO),
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            **malloc_env(),  # the allocator settings of this process
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        },
     )
     return _last_json(proc, what)
 

@@ -29,6 +29,7 @@ from bench._harness import (
     prefix_reuse_supported,
     set_length,
 )
+from tokattr.allocator import allocator
 
 # ---------------------------------------------------------------------------- results
 
@@ -54,6 +55,7 @@ def machine_info(config: BenchConfig) -> dict[str, Any]:
             torch.cuda.get_device_name(0) if config.device == "cuda" else platform.processor()
         ),
         "dtype": config.dtype,
+        "allocator": allocator(),
     }
     try:
         cpu = Path("/proc/cpuinfo").read_text()
@@ -96,6 +98,7 @@ class Store:
 
     def add_row(self, row: dict[str, Any]) -> None:
         row["session"] = self.started
+        row["allocator"] = allocator()
         self.rows[row_key(row)] = row
 
     def add_equality(self, check: dict[str, Any]) -> None:
@@ -104,6 +107,7 @@ class Store:
 
     def add_memory(self, name: str, record: dict[str, Any]) -> None:
         record["session"] = self.started
+        record["allocator"] = allocator()
         self.memory[name] = record
 
     @property
@@ -397,6 +401,31 @@ def _fmt_met(met: bool | None) -> str:
     return "not measured" if met is None else ("met" if met else "NOT MET")
 
 
+UNRECORDED_ALLOCATOR = "glibc's defaults (rows from before the allocator was recorded)"
+
+
+def allocator_line(result: dict[str, Any]) -> str:
+    """Which memory allocator settings the rows (and memory cases) ran with
+    (:func:`tokattr.keep_freed_memory`)."""
+    records = [*result.get("rows", []), *result.get("memory", [])]
+    seen: dict[str, int] = {}
+    for r in records:
+        name = r.get("allocator", UNRECORDED_ALLOCATOR)
+        seen[name] = seen.get(name, 0) + 1
+    if not seen:
+        return f"Allocator: {result['machine'].get('allocator', UNRECORDED_ALLOCATOR)}."
+    if len(seen) == 1:
+        return (
+            f"Allocator: {next(iter(seen))}; the same for every implementation (peers in this "
+            "process, workers through their environment)."
+        )
+    return (
+        "Allocators (each row's `allocator` in the JSON): "
+        + "; ".join(f"{name}: {n} rows" for name, n in seen.items())
+        + "."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as markdown: timings, targets, equality checks, memory, skips."""
     m = result["machine"]
@@ -407,6 +436,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m.get('device_name')} ({m['device']}, {s['dtype']}), {m['cpu_cores']} cores, "
         f"{m['torch_threads']} torch threads; torch {m['torch']}, transformers "
         f"{m['transformers']}, captum {m['captum']}; scale `{s['scale']}`; {m['date']}.",
+        "",
+        allocator_line(result),
         "",
     ]
     for name, info in result.get("models", {}).items():

@@ -11,6 +11,9 @@ Options (each also read from an environment variable):
   (default 120 quick, 3600 full)
 - ``--bench-memory-budget GIB``: the IG memory case's budget (default 2.5 on CPU, 8 on CUDA)
 - ``--bench-fresh``: drop the rows of earlier sessions from ``bench/results/<name>.json``
+
+The session first calls :func:`tokattr.keep_freed_memory` (``TOKATTR_MALLOC=default``: glibc's
+defaults), as the ``tokattr`` command does; each row records the allocator it ran with.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pytest
 from bench import _harness as h
 from bench._report import markdown, write_results
 from bench._session import Session
+from tokattr.allocator import keep_freed_memory
 
 SESSION_KEY = pytest.StashKey[Session]()
 WRITTEN_KEY = pytest.StashKey[tuple[Path, Path, Path | None, str]]()
@@ -43,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # As the tokattr command does: glibc keeps freed memory (for Captum too, in this process;
+    # the Inseq and memory workers get the same settings through their environment).
+    keep_freed_memory()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
