@@ -118,6 +118,25 @@ def test_applied_once_and_handed_to_new_processes(fresh):
     }
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_a_process_started_with_the_settings_knows_them(fresh):
+    for name, value in allocator._env().items():
+        fresh.setenv(name, value)
+    assert allocator.keep_freed_memory() is True  # and no mallopt call (the fixture)
+    assert allocator.allocator() == allocator.KEPT
+    fresh.setattr(allocator, "_state", None)
+    fresh.setenv("MALLOC_TOP_PAD_", "1")  # somebody else's value: theirs
+    assert allocator.keep_freed_memory() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_the_command_hands_the_settings_to_its_workers(fresh):
+    fresh.setattr(allocator, "_apply", lambda: allocator.KEPT)
+    fresh.setitem(cli.COMMANDS, "noop", (lambda argv: 0, "-"))
+    assert main(["noop"]) == 0
+    assert {k: os.environ.get(k) for k in allocator._env()} == allocator._env()
+
+
 def test_every_command_keeps_freed_memory_first(fresh):
     order = []
     fresh.setattr(allocator, "keep_freed_memory", lambda: order.append("allocator"))

@@ -4,12 +4,12 @@ Attribution on a CPU allocates and frees blocks of the same few sizes pass after
 (activations of a few MiB each). glibc's ``malloc`` hands the top of its heap back to the
 operating system whenever more than its trim threshold lies free there (by default twice the
 largest block freed so far), so the next pass takes the memory back one page fault per 4 KiB
-page. Measured on the bundled model (2 CPU cores, occlusion on 32 arithmetic prompts, best and
-median of 20 calls, one process per setting, alternating): 560-5,800 minor page faults per call
-and 76-104 ms best (92-124 ms median) with glibc's defaults; 3-45 faults and 72-90 ms best
-(79-99 ms median) with freed memory kept. PyTorch's CPU performance-tuning guide recommends the
-same through jemalloc or tcmalloc (``LD_PRELOAD``); :func:`keep_freed_memory` does it with
-glibc's own ``mallopt``, no dependency.
+page. Measured on the bundled model (2 CPU cores, occlusion on 32 arithmetic prompts): 3,519
+and 3,525 minor page faults per call with glibc's defaults, 33 and 72 with freed memory kept;
+best of 20 calls 89.9 and 94.6 ms against 76.2 and 78.6 ms, medians 116.0 and 109.7 ms against
+85.5 and 85.1 ms (one process per setting, alternating). PyTorch's CPU performance-tuning
+guide recommends the same through jemalloc or tcmalloc (``LD_PRELOAD``);
+:func:`keep_freed_memory` does it with glibc's own ``mallopt``, no dependency.
 
 The ``tokattr`` command and the benchmark (``bench/``) call :func:`keep_freed_memory` at start;
 from Python, call it once yourself. ``TOKATTR_MALLOC=default`` leaves the allocator as it is.
@@ -80,9 +80,13 @@ def allocator() -> str:
 
 def malloc_env() -> dict[str, str]:
     """Environment variables that give a new process (started from this one) the settings
-    :func:`keep_freed_memory` applied; empty where it did not apply them."""
-    if _state != KEPT:
-        return {}
+    :func:`keep_freed_memory` applied (glibc reads them at the process's start; there
+    :func:`keep_freed_memory` finds them and calls nothing); empty where it did not apply
+    them."""
+    return _env() if _state == KEPT else {}
+
+
+def _env() -> dict[str, str]:
     return {
         "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
         "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
@@ -95,6 +99,8 @@ def _why_not(choice: str) -> str | None:
         return f"allocator left as it is ({ENV}=default)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "allocator left as it is (not glibc)"
+    if all(os.environ.get(name) == value for name, value in _env().items()):
+        return KEPT  # a process started with malloc_env(): glibc applied them at its start
     tuned = [name for name in _GLIBC_ENV if name in os.environ]
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         tuned.append("GLIBC_TUNABLES")

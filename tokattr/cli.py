@@ -6,6 +6,7 @@ Every sub-command parses its own options (LightningCLI / jsonargparse), so each 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -143,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokattr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        from tokattr.allocator import keep_freed_memory
+        from tokattr.allocator import keep_freed_memory, malloc_env
 
-        keep_freed_memory()  # fewer page faults on CPU (TOKATTR_MALLOC=default: leave it)
+        # Fewer page faults on CPU (TOKATTR_MALLOC=default: leave it), here and in the
+        # processes this one starts (DDP workers).
+        if keep_freed_memory():
+            os.environ.update(malloc_env())
         return COMMANDS[name][0](rest)
     except (ValueError, FileNotFoundError) as e:
         print(f"tokattr {name}: error: {e}", file=sys.stderr)
