@@ -120,10 +120,12 @@ def test_applied_once_and_handed_to_new_processes(fresh):
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_a_process_started_with_the_settings_knows_them(fresh):
+    calls = []
+    fresh.setattr(allocator, "_apply", lambda: calls.append(1) or allocator.KEPT)
     for name, value in allocator._env().items():
         fresh.setenv(name, value)
-    assert allocator.keep_freed_memory() is True  # and no mallopt call (the fixture)
-    assert allocator.allocator() == allocator.KEPT
+    assert allocator.keep_freed_memory() is True
+    assert allocator.allocator() == allocator.KEPT and calls == [1]  # the same values again
     fresh.setattr(allocator, "_state", None)
     fresh.setenv("MALLOC_TOP_PAD_", "1")  # somebody else's value: theirs
     assert allocator.keep_freed_memory() is False

@@ -81,8 +81,8 @@ def allocator() -> str:
 def malloc_env() -> dict[str, str]:
     """Environment variables that give a new process (started from this one) the settings
     :func:`keep_freed_memory` applied (glibc reads them at the process's start; there
-    :func:`keep_freed_memory` finds them and calls nothing); empty where it did not apply
-    them."""
+    :func:`keep_freed_memory` takes them for its own and applies the same values); empty where
+    it did not apply them."""
     return _env() if _state == KEPT else {}
 
 
@@ -99,9 +99,8 @@ def _why_not(choice: str) -> str | None:
         return f"allocator left as it is ({ENV}=default)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "allocator left as it is (not glibc)"
-    if all(os.environ.get(name) == value for name, value in _env().items()):
-        return KEPT  # a process started with malloc_env(): glibc applied them at its start
-    tuned = [name for name in _GLIBC_ENV if name in os.environ]
+    ours = _env()  # a process started with malloc_env() has them: not somebody else's choice
+    tuned = [name for name in _GLIBC_ENV if os.environ.get(name, ours.get(name)) != ours.get(name)]
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         tuned.append("GLIBC_TUNABLES")
     if tuned:

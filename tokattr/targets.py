@@ -248,14 +248,14 @@ def _packed_score_columns(
     widths, keeps = pass_width.tolist(), pass_keep.tolist()
     width = max(widths)
     # Packed inputs. Tokens go segment by segment, rows first: the rows' tokens come first.
-    n_trunk = int(seg_len[:n_rows].sum())
-    t, b = slice(None, n_trunk), slice(n_trunk, None)
     x = torch.zeros(n_bins, width, embeds.shape[-1], dtype=embeds.dtype, device=device)
     if branches.embeds.dim() == 2:  # the rows' tokens, each branch's start column replaced
         x[tok_bin, pos] = embeds[tok_row, tok_col]
         start_tok = seg_first_tok[n_rows:]
         x[tok_bin[start_tok], pos[start_tok]] = branches.embeds.to(embeds.dtype)
     else:
+        n_trunk = int(seg_len[:n_rows].sum())
+        t, b = slice(None, n_trunk), slice(n_trunk, None)
         x[tok_bin[t], pos[t]] = embeds[tok_row[t], tok_col[t]]
         x[tok_bin[b], pos[b]] = branches.embeds[tok_seg[b] - n_rows, tok_col[b]].to(embeds.dtype)
     positions = torch.zeros(n_bins, width, dtype=position_ids.dtype, device=device)
@@ -284,9 +284,10 @@ def _packed_score_columns(
     in_pass = torch.bincount(pass_of_bin[tok_bin[tail]], minlength=n_passes).tolist()
     chosen_parts, logp_parts = [], []
     done = 0
+    takes_keep = _takes_logits_to_keep(type(model))
     for p, (w, keep, n_tail) in enumerate(zip(widths, keeps, in_pass, strict=True)):
         b0, b1 = p * per_pass, min(n_bins, (p + 1) * per_pass)
-        kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+        kwargs = {"logits_to_keep": keep} if takes_keep else {}
         with last_mlp_on_tail(model, w, keep):
             out = model(
                 inputs_embeds=x[b0:b1, :w].contiguous(),
