@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -578,6 +579,77 @@ def test_prefix_reuse_only_where_the_cache_is_exact():
         b = run(lm, prompts, "occlusion", answers, target_fn=target_fn, prefix_reuse=False)
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x.scores, y.scores, atol=1e-5, rtol=1e-4)
+
+
+def _llama_taking_cache_as(spelling):
+    """The tiny Llama's weights behind a ``forward`` that declares its key/value cache only as
+    ``spelling`` (``"cache"``, ``"past_key_values"``, or ``None``: no cache argument at all) and
+    has no ``**kwargs``, so a call with the other spelling is a ``TypeError``; ``seen`` records,
+    per call, whether a cache came in."""
+    from transformers import LlamaForCausalLM
+
+    from tokattr.models import LanguageModel
+
+    params = inspect.signature(LlamaForCausalLM.forward).parameters
+    parent = "cache" if "cache" in params else "past_key_values"  # what this release takes
+    seen = []
+
+    def call(self, cache, **kwargs):
+        seen.append(cache is not None)
+        kwargs.setdefault("use_cache", False)
+        return LlamaForCausalLM.forward(self, **kwargs, **({parent: cache} if cache is not None else {}))
+
+    if spelling == "cache":
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                    inputs_embeds=None, use_cache=None, logits_to_keep=0):  # fmt: skip
+            return call(self, cache, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, inputs_embeds=inputs_embeds,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+    elif spelling == "past_key_values":
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, inputs_embeds=None, use_cache=None,
+                    logits_to_keep=0):  # fmt: skip
+            return call(self, past_key_values, input_ids=input_ids,
+                        attention_mask=attention_mask, position_ids=position_ids,
+                        inputs_embeds=inputs_embeds, use_cache=use_cache,
+                        logits_to_keep=logits_to_keep)  # fmt: skip
+    else:
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    inputs_embeds=None, use_cache=None, logits_to_keep=0):  # fmt: skip
+            return call(self, None, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, inputs_embeds=inputs_embeds,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+
+    cls = type(f"LlamaTaking_{spelling}", (LlamaForCausalLM,), {"forward": forward})
+    base = tiny_lm("llama")
+    model = cls(base.model.config)
+    model.load_state_dict(base.model.state_dict())
+    return LanguageModel(model.eval(), base.tokenizer, f"llama-{spelling}", None), seen
+
+
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values", None])
+def test_the_cache_goes_by_the_name_the_models_forward_declares(spelling, monkeypatch):
+    """transformers 5.24 renamed ``past_key_values=`` to ``cache=``: each model gets its cache
+    under the one name its own ``forward`` declares (read once from the signature), so prefix
+    passes work, warning-free, whichever spelling a release or a custom model uses; a model that
+    declares neither gets full passes. Scores equal the stock model's full passes."""
+    from tokattr.attribution import supports_prefix
+    from tokattr.targets import cache_kwarg
+
+    monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)  # key/value-cache passes
+    lm, seen = _llama_taking_cache_as(spelling)
+    assert cache_kwarg(type(lm.model)) == spelling
+    assert supports_prefix(lm, log_prob) == (spelling is not None)
+    prompts, answers = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    got = run(lm, prompts, "occlusion", answers)
+    assert any(seen) == (spelling is not None)  # the prefix passes ran, with their cache
+    want = run(tiny_lm("llama"), prompts, "occlusion", answers, prefix_reuse=False)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+        assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
 
 
 def test_passes_leave_out_the_answer_slot_padding():

@@ -26,6 +26,7 @@ from tokattr.targets import (
     TargetFunction,
     TargetInputs,
     answer_log_probs,
+    cache_kwarg,
     contrast,
     tail_mlp,
     target_inputs,
@@ -391,6 +392,8 @@ def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     (sliding-window and recurrent layers are left to full passes)."""
     model, config = lm.model, lm.model.config
     if fn not in PREFIX_TARGETS or getattr(config, "is_encoder_decoder", False):
+        return False
+    if cache_kwarg(type(model)) is None:  # its forward takes no cache= / past_key_values=
         return False
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and any(t != "full_attention" for t in layer_types):

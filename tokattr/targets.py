@@ -490,6 +490,26 @@ def _takes_logits_to_keep(model_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
+CACHE_KWARGS = ("cache", "past_key_values")
+"""The names a causal LM's ``forward`` takes its key/value cache by, newest first: transformers
+5.24 renamed ``past_key_values=`` to ``cache=`` (the old name still works there, with a
+``FutureWarning``); earlier releases, and models written against them, take only
+``past_key_values=``."""
+
+
+@functools.cache
+def cache_kwarg(model_type: type) -> str | None:
+    """The keyword ``model_type.forward`` takes a key/value cache by (one of
+    :data:`CACHE_KWARGS`, the newest it declares), or ``None`` if it declares neither.
+
+    Read once per class from the signature (``inspect.signature`` follows the
+    ``functools.wraps`` of transformers' deprecation decorators to the real parameters), so a
+    model is called with the spelling its own release expects, never the deprecated one.
+    """
+    params = inspect.signature(model_type.forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), None)
+
+
 def answer_log_probs(
     model: nn.Module,
     embeds: Tensor,
@@ -551,7 +571,10 @@ def _score_columns(
         if past.offset > first - 1:
             raise ValueError(f"a prefix of {past.offset} columns covers a scored column")
         embeds, position_ids = embeds[:, past.offset :], position_ids[:, past.offset :]
-        kwargs.update(past_key_values=past.cache, use_cache=True)
+        name = cache_kwarg(type(model))
+        if name is None:
+            raise TypeError(f"{type(model).__name__}.forward takes no key/value cache")
+        kwargs.update({name: past.cache, "use_cache": True})
     with last_mlp_on_tail(model, embeds.shape[1], keep):
         out = model(
             inputs_embeds=embeds,
