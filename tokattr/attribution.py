@@ -388,7 +388,8 @@ def pass_sizes(
 def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     """Whether ``fn`` on this model can start from a key/value cache of the first columns
     (:class:`~tokattr.targets.Prefix`): a built-in target other than ``contrast``, on a
-    decoder-only model with a standard key/value cache and full attention in every layer
+    decoder-only model whose ``forward`` takes a key/value cache (by either name,
+    :func:`~tokattr.targets.cache_kwarg`), a standard cache and full attention in every layer
     (sliding-window and recurrent layers are left to full passes)."""
     model, config = lm.model, lm.model.config
     if fn not in PREFIX_TARGETS or getattr(config, "is_encoder_decoder", False):
