@@ -597,7 +597,9 @@ def _llama_taking_cache_as(spelling):
     def call(self, cache, **kwargs):
         seen.append(cache is not None)
         kwargs.setdefault("use_cache", False)
-        return LlamaForCausalLM.forward(self, **kwargs, **({parent: cache} if cache is not None else {}))
+        if cache is not None:
+            kwargs[parent] = cache
+        return LlamaForCausalLM.forward(self, **kwargs)
 
     if spelling == "cache":
 
@@ -628,6 +630,19 @@ def _llama_taking_cache_as(spelling):
     model = cls(base.model.config)
     model.load_state_dict(base.model.state_dict())
     return LanguageModel(model.eval(), base.tokenizer, f"llama-{spelling}", None), seen
+
+
+def test_the_cache_name_is_read_through_a_forward_that_passes_kwargs_on():
+    """A subclass whose ``forward`` names neither spelling but passes ``**kwargs`` to its
+    parent's takes the parent's; one without ``**kwargs`` takes none."""
+    from tokattr.targets import cache_kwarg
+
+    for spelling in ("cache", "past_key_values", None):
+        parent = type(_llama_taking_cache_as(spelling)[0].model)
+        passes_on = type("PassesOn", (parent,), {"forward": lambda self, *a, **kw: None})
+        assert cache_kwarg(passes_on) == spelling
+        closed = type("Closed", (parent,), {"forward": lambda self, input_ids=None: None})
+        assert cache_kwarg(closed) is None
 
 
 @pytest.mark.parametrize("spelling", ["cache", "past_key_values", None])

@@ -500,14 +500,23 @@ CACHE_KWARGS = ("cache", "past_key_values")
 @functools.cache
 def cache_kwarg(model_type: type) -> str | None:
     """The keyword ``model_type.forward`` takes a key/value cache by (one of
-    :data:`CACHE_KWARGS`, the newest it declares), or ``None`` if it declares neither.
+    :data:`CACHE_KWARGS`, the newest it declares), or ``None`` if it takes neither.
 
     Read once per class from the signature (``inspect.signature`` follows the
     ``functools.wraps`` of transformers' deprecation decorators to the real parameters), so a
-    model is called with the spelling its own release expects, never the deprecated one.
+    model is called with the spelling its own release expects, never the deprecated one. A
+    ``forward`` that declares neither but takes ``**kwargs`` (a subclass that adds to its
+    parent's and passes the rest on) is read through to the next class's ``forward``.
     """
-    params = inspect.signature(model_type.forward).parameters
-    return next((name for name in CACHE_KWARGS if name in params), None)
+    for cls in model_type.__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        params = inspect.signature(forward).parameters
+        name = next((n for n in CACHE_KWARGS if n in params), None)
+        if name is not None or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return name
+    return None
 
 
 def answer_log_probs(
