@@ -30,6 +30,24 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_logger_raises_no_deprecation_warning(tmp_path, capfd, recwarn):
+    """W&B's offline run starts with no deprecation warning of the arguments we (or Lightning,
+    for us) pass it: none printed by wandb, none raised."""
+    from tokattr.wandb_log import make_logger
+
+    logger = make_logger(tmp_path, "tokattr-test")
+    try:
+        assert logger.experiment is not None
+    finally:
+        import wandb
+
+        wandb.finish()
+    err = capfd.readouterr().err
+    assert "wandb" in err  # its start-up lines are captured here
+    assert "no effect" not in err and "deprecat" not in err.lower(), err
+    assert not [w for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+
+
 def _media(run: Path, kind: str, key: str) -> list[Path]:
     return sorted((run / "files" / "media" / kind).glob(f"{key}_*"))
 

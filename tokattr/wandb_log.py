@@ -32,8 +32,16 @@ SUMMARY_COLUMNS = ["method", "metric", "k", "mean", "ci_low", "ci_high", "higher
 
 
 def make_logger(out_dir: str | Path, project: str = "tokattr", online: bool = False) -> WandbLogger:
-    """A ``WandbLogger`` writing under ``out_dir`` (offline unless ``online``)."""
-    return WandbLogger(project=project, save_dir=str(out_dir), offline=not online)
+    """A ``WandbLogger`` writing under ``out_dir`` (offline unless ``online``).
+
+    Lightning (2.6) hands ``wandb.init`` an ``anonymous=None`` it was never given, and wandb
+    0.31 warns that the setting is deprecated whenever it is passed at all; left out, it is the
+    same default on every wandb release, and the user sees no deprecation warning."""
+    logger = WandbLogger(project=project, save_dir=str(out_dir), offline=not online)
+    init = getattr(logger, "_wandb_init", {})
+    if "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
 
 
 def _image(fig: Figure) -> Any:
