@@ -57,7 +57,7 @@ if [ "$DEPS" = lowest ]; then
   UV=$(bash scripts/uv.sh)
   floors=$(mktemp)
   keep=$(mktemp)
-  "$VENV/bin/python" -c 'import torch; print(f"torch=={torch.__version__.split(\"+\")[0]}")' \
+  "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' \
     > "$keep"
   "$UV" pip compile pyproject.toml --extra dev --constraint "$keep" \
     --config-file scripts/lock-uv.toml --python "$VENV/bin/python" \
