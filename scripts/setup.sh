@@ -71,7 +71,7 @@ fi
 
 # Reinstall only when the lock, pyproject.toml or this script changed since the last install.
 stamp="$VENV/.tokattr-installed"
-want=$(cat "$LOCK" pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
+want=$(cat "$LOCK" pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/tokattr" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> installing the locked dependencies ($LOCK)"
   # --no-deps: the lock is the whole set, so nothing is resolved here; hashes are checked.

@@ -75,7 +75,11 @@ def test_the_lock_satisfies_pyproject_on_every_python():
         *project["project"]["optional-dependencies"]["dev"],
         *project["build-system"]["requires"],
     ]
-    torch_deps = ["filelock", "typing-extensions", "sympy", "networkx", "jinja2", "fsspec"]
+    # torch's CPU dependencies, as scripts/lock.sh gives them to uv.
+    (torch_meta,) = tomllib.loads((ROOT / "scripts/lock-uv.toml").read_text())[
+        "dependency-metadata"
+    ]
+    torch_deps = torch_meta["requires-dist"]
     for python in PYTHONS:
         for spec in direct + torch_deps:
             req = Requirement(spec)
