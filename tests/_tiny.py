@@ -138,3 +138,95 @@ def model_problem(lm: LanguageModel, prompts, answers, batch_size: int = 16, see
         (seed,) * len(prompts),
     )
     return problem, batch
+
+
+# Byte-level BPE (GPT-2's scheme: every byte is a symbol, merges learnt from text), so that a
+# decoded and re-encoded string need not give back the same tokens, as with real tokenizers.
+BPE_CORPUS = (
+    "The capital of France is Paris. The capital of Italy is Rome. "
+    "Ordered lists: one, two, three. Café, naïve, déjà vu, 東京, 日本語, Ελληνικά, emoji 🙂. "
+    "Question: what is 12 plus 30? Answer: 42. The quick brown fox jumps over the lazy dog. "
+    "def add(a, b):\n    return a + b\n"
+) * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.cache
+def bpe_tokenizer(bos: bool = False, chat: bool = False):
+    """A byte-level BPE tokenizer of ~400 tokens learnt from :data:`BPE_CORPUS` (deterministic).
+
+    ``bos``: a BOS token is added to every text (as in Llama 3 and Mistral); ``chat``: Qwen2's
+    ``<|im_start|>`` / ``<|im_end|>`` chat template. Padding on the left."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([BPE_CORPUS], trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>" if bos else "<|endoftext|>",
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=256,
+        clean_up_tokenization_spaces=False,
+    )
+    if chat:
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+BPE_ARCHS = ("gpt2", "qwen2", "mistral")
+"""Architectures checked on a byte-level BPE tokenizer: GPT-2 (no BOS), Qwen2 (chat
+template), Mistral (BOS)."""
+
+
+@functools.cache
+def tiny_bpe_lm(arch: str = "gpt2") -> LanguageModel:
+    """A 2-layer, d_model 32 model of ``arch`` on :func:`bpe_tokenizer` (cached: never mutate)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = bpe_tokenizer(bos=arch == "mistral", chat=arch == "qwen2")
+    ids = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **ids,
+    )
+    torch.manual_seed(1)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+        )
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    else:
+        raise ValueError(arch)
+    return LanguageModel(model.eval(), tok, f"tiny-bpe-{arch}", None)

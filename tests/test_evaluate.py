@@ -186,7 +186,7 @@ def test_bootstrap_interval():
         (dict(baseline="mean"), "unknown baseline"),
         (dict(prompts=[]), "no prompts"),
         (dict(prompts=["12+3=", ""]), "empty prompt"),
-        (dict(prompts=["1+" * 200 + "1="], answers=["201"]), "longer than the model's context"),
+        (dict(prompts=["1+" * 200 + "1="], answers=["201"]), "leaves no room for an answer"),
         (dict(answers=["15"]), "1 answers for 2 prompts"),
     ],
 )
@@ -194,7 +194,7 @@ def test_bad_input_fails_before_any_work(monkeypatch, arith, kwargs, message):
     def no_work(*args, **kw):
         raise AssertionError("attribution ran before the input was checked")
 
-    monkeypatch.setattr(evaluation, "attribute", no_work)
+    monkeypatch.setattr(evaluation, "_attribute_encoded", no_work)
     args = dict(prompts=["12+3=", "9-4="], answers=["15", "5"], progress=False) | kwargs
     with pytest.raises(ValueError, match=message):
         tokattr.evaluate(arith, **args)

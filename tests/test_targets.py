@@ -152,8 +152,11 @@ def test_answer_that_retokenizes_the_prompt_is_refused():
 
     bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "<s>": 3}, [("a", "b")]))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", pad_token="<s>")
-    with pytest.raises(ValueError, match="not a prefix"):
+    with pytest.raises(ValueError, match=r"the answer 'b' changes how the prompt is tokenized"):
         encode_example(tok, "a", "b")  # 'a' + 'b' -> 'ab': no token boundary to split at
+    # Given as token ids, the answer is taken as it is: no re-tokenization to disagree with.
+    enc = encode_example(tok, "a", [1])
+    assert enc.prompt_ids == [0] and enc.answer_ids == [1]
 
 
 def test_encoding_errors():
@@ -163,7 +166,23 @@ def test_encoding_errors():
     with pytest.raises(ValueError, match="empty answer"):
         encode_example(tok, "1+1=", "")
     with pytest.raises(ValueError, match="longer than the model's context of 20 tokens"):
+        encode_example(tok, "1+1=" * 4 + "1", "22", max_length=20)
+    with pytest.raises(ValueError, match="context of 20 leaves no room for an answer"):
         encode_example(tok, "1+1=" * 5, "2", max_length=20)
+    with pytest.raises(TypeError, match="a prompt must be a string, got int 123"):
+        encode_example(tok, 123, "2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a string or token ids, got float"):
+        encode_example(tok, "1+1=", 2.0)  # type: ignore[arg-type]
+
+
+def test_error_messages_quote_a_long_prompt_briefly():
+    tok = tiny_lm("llama").tokenizer
+    long_prompt = "1+1=" * 500
+    with pytest.raises(ValueError) as err:
+        encode_example(tok, long_prompt, "2", max_length=128)
+    message = str(err.value)
+    assert "2,000 characters" in message and len(message) < 250, message
+    assert "\n" not in message
 
 
 def test_encode_examples_equals_one_by_one_in_one_tokenizer_call(monkeypatch):
@@ -198,7 +217,7 @@ def test_encode_examples_errors_name_the_first_bad_example():
         encode_examples(tok, ["1+1=", ""], ["2", "3"])
     with pytest.raises(ValueError, match="empty answer for prompt '2\\+2='"):
         encode_examples(tok, ["1+1=", "2+2=", "3+3="], ["2", "", ""])
-    with pytest.raises(ValueError, match="context of 20 tokens: '1\\+1=1\\+1="):
+    with pytest.raises(ValueError, match="context of 20 leaves no room for an answer: '1\\+1=1\\+1="):
         encode_examples(tok, ["2=", "1+1=" * 5], ["2", "2"], max_length=20)
 
 

@@ -25,44 +25,118 @@ BARS: dict[str, float] = {
 """The project's greedy exact-match bars for the reference model, per bucket."""
 
 
-def stop_token_ids(lm: LanguageModel) -> list[int]:
-    """Tokens that end an answer: EOS, and the demonstration separator if it is one token."""
+DEFAULT_MAX_NEW_TOKENS = 12
+"""Greedy answers are at most this many tokens unless the model's generation config or the
+caller says otherwise."""
+
+
+def stop_token_ids(lm: LanguageModel, extra: Sequence[str] = ()) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS, the model's generation-config EOS ids
+    (the bundled model lists its demonstration separator there), and each of ``extra`` that is
+    one token of the vocabulary."""
     tok = lm.tokenizer
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    sep = tok.convert_tokens_to_ids(SEPARATOR)
-    if isinstance(sep, int) and sep != tok.unk_token_id:
-        ids.append(sep)
-    return ids
+    config = getattr(lm.model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    for text in extra:
+        sep = tok.convert_tokens_to_ids(text)
+        if isinstance(sep, int) and sep != tok.unk_token_id:
+            ids.append(sep)
+    return list(dict.fromkeys(ids))
+
+
+def max_new_tokens_of(lm: LanguageModel) -> int:
+    """The model's generation-config ``max_new_tokens``, or :data:`DEFAULT_MAX_NEW_TOKENS`."""
+    n = getattr(getattr(lm.model, "generation_config", None), "max_new_tokens", None)
+    return n if isinstance(n, int) and n > 0 else DEFAULT_MAX_NEW_TOKENS
+
+
+def prompt_token_ids(lm: LanguageModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids (special tokens included), in one tokenizer call, checked
+    against the model's context before any generation: a prompt that leaves no room for an
+    answer is a one-line error."""
+    from tokattr.batching import check_prompt, quote
+
+    for p in prompts:
+        check_prompt(p)
+    ids = lm.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    limit = lm.max_length
+    for p, row in zip(prompts, ids, strict=True):
+        if len(row) >= limit:
+            raise ValueError(
+                f"prompt is {len(row)} tokens, and the model's context of {limit} leaves no "
+                f"room for an answer: {quote(p)}"
+            )
+    return [list(r) for r in ids]
 
 
 @torch.no_grad()
+def greedy_answer_ids(
+    lm: LanguageModel,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int | None = None,
+    batch_size: int = 256,
+    stops: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """The token ids the model generates greedily after each prompt, up to (not including)
+    the first stop token (:func:`stop_token_ids`): the answer as generated, never decoded and
+    re-encoded. ``prompts`` may be texts or their token ids (special tokens included).
+
+    Prompts are left-padded in batches of ``batch_size``; a batch generates at most
+    ``max_new_tokens`` (default: :func:`max_new_tokens_of`), and never past the model's
+    context. Prompt lengths are checked (:func:`prompt_token_ids`) before anything runs.
+    """
+    tok = lm.tokenizer
+    stops = stop_token_ids(lm) if stops is None else list(stops)
+    limit = max_new_tokens_of(lm) if max_new_tokens is None else int(max_new_tokens)
+    if limit < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts and len(texts) != len(prompts):
+        raise ValueError("give prompts as texts or as token ids, not both")
+    rows = prompt_token_ids(lm, prompts) if texts else [list(p) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
+    out: list[list[int]] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(r) for r in chunk)
+        room = min(limit, lm.max_length - width)
+        if room < 1:
+            raise ValueError(
+                f"a prompt of {width} tokens leaves no room for an answer in the model's "
+                f"context of {lm.max_length}"
+            )
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=lm.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=lm.device
+        )
+        gen = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=room,
+            do_sample=False,
+            eos_token_id=stops or None,
+            pad_token_id=pad,
+        )  # [batch, width + new]
+        for row in gen[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:cut])
+    return out
+
+
 def greedy_answers(
     lm: LanguageModel,
     prompts: Sequence[str],
-    max_new_tokens: int = 12,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 256,
 ) -> list[str]:
-    """The model's greedy continuation of each prompt, up to (not including) a stop token.
-
-    Prompts are left-padded in batches of ``batch_size``.
-    """
-    tok = lm.tokenizer
-    stops = stop_token_ids(lm)
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i : i + batch_size])
-        enc = tok(chunk, return_tensors="pt", padding=True).to(lm.device)
-        gen = lm.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tok.pad_token_id,
-        )  # [batch prompt+new]
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-            out.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
+    """The model's greedy continuation of each arithmetic prompt as text (decoded and
+    stripped), stopping at EOS or the demonstration separator: what exact-match accuracy
+    compares. Attribution uses the ids themselves (:func:`greedy_answer_ids`)."""
+    stops = stop_token_ids(lm, extra=(SEPARATOR,))
+    ids = greedy_answer_ids(lm, prompts, max_new_tokens, batch_size, stops)
+    return [lm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
 
 
 @dataclass(frozen=True)

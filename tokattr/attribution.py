@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from tokattr.batching import TokenBatch, collate, encode_examples
+from tokattr.batching import (
+    Answer,
+    Encoded,
+    TokenBatch,
+    check_prompt,
+    collate,
+    encode_examples,
+    is_token_ids,
+    quote,
+)
 from tokattr.memory import ModelShape, sequences_per_pass
 from tokattr.methods import METHODS
 from tokattr.methods.problem import AttributionProblem, Method, chunked
@@ -47,6 +57,9 @@ class Attribution:
     (BOS and other special tokens are never features). With ``per_answer_token=True``,
     ``scores`` has one row per answer token (``[len(answer_tokens), len(tokens)]``) and
     ``target_score`` / ``delta`` are lists with one entry per answer token.
+
+    ``answer_ids`` are the answer's tokens exactly as scored (for the greedy answer, the ids
+    the model generated); ``target`` is their text.
     """
 
     tokens: list[str]
@@ -66,6 +79,8 @@ class Attribution:
     time_ms: float = 0.0  # wall time, shared equally by the rows computed together
     delta: float | list[float] | None = None  # IG: sum(scores) - (f(x) - f(baseline))
     foil: str | None = None
+    answer_ids: list[int] = field(default_factory=list)  # the answer's token ids, as attributed
+    error: str | None = None  # why the scores are not finite (only where errors are kept)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (scores as nested lists)."""
@@ -103,15 +118,16 @@ def attribute(
     lm: LanguageModel,
     prompts: str | Sequence[str],
     method: str = "integrated_gradients",
-    target: str | Sequence[str] | None = None,
+    target: Answer | Sequence[Answer | None] | None = None,
     baseline: str = "pad",
     seed: int | Sequence[int | None] | None = None,
     batch_size: int | None = None,
     *,
     target_fn: str | TargetFunction = "log_prob",
-    foil: str | Sequence[str] | None = None,
+    foil: Answer | Sequence[Answer] | None = None,
     per_answer_token: bool = False,
     memory_budget: int | None = None,
+    max_new_tokens: int | None = None,
     **method_params: object,
 ) -> Attribution | list[Attribution]:
     """Attribute the model's score of an answer to each token of the prompt.
@@ -120,8 +136,11 @@ def attribute(
         lm: the model and tokenizer (:func:`tokattr.load_model`).
         prompts: one prompt (-> one :class:`Attribution`) or a list (-> a list).
         method: a name in :data:`tokattr.METHODS`.
-        target: the answer to attribute, one per prompt; ``None``: the model's greedy answer.
-            It is appended to the prompt as given (``"Paris"`` vs ``" Paris"`` matters).
+        target: the answer to attribute, one per prompt: a string, tokenized once in context
+            (``prompt + target``; ``"Paris"`` vs ``" Paris"`` matters), or its token ids, used
+            as they are. ``None`` (or ``None`` for a prompt in the list): the model's greedy
+            answer, the token ids it generates up to a stop token
+            (:func:`tokattr.accuracy.greedy_answer_ids`).
         baseline: what replaces a removed token's embedding: ``"pad"`` (default), ``"unk"`` or
             ``"zero"``; its position is kept. Used by every method except saliency,
             input_x_gradient and random.
@@ -135,18 +154,23 @@ def attribute(
         target_fn: ``"log_prob"`` (default: sum of the answer tokens' log-probabilities),
             ``"prob"``, ``"logit"`` (first answer token), ``"contrast"`` (log p(target) -
             log p(foil)), or a :data:`~tokattr.targets.TargetFunction`.
-        foil: the contrasting answer(s), for ``target_fn="contrast"`` only.
+        foil: the contrasting answer(s) (strings or token ids), for ``target_fn="contrast"``.
         per_answer_token: attribute each answer token's score on its own (one row each).
         memory_budget: bytes a pass may use for activations; ``None``: 60% of the free GPU
             memory, or on a CPU a quarter of the available RAM (at most 4 GiB). Caps
             ``batch_size`` too when both are given. On a GPU a pass that runs out of memory
             anyway is retried at half the size.
+        max_new_tokens: the longest greedy answer (default: the model's generation config,
+            else 12 tokens).
         **method_params: the method's hyper-parameters, e.g. ``n_steps=64``.
 
     Raises:
         ValueError: unknown method, method parameter, baseline or target function; an empty
-            prompt; prompt + answer longer than ``lm.max_length``; an answer that changes the
-            prompt's tokens; ``exact_shapley`` on too many tokens; NaN or inf scores.
+            prompt; a prompt (checked before any generation) or prompt + answer longer than
+            ``lm.max_length``; an answer that changes the prompt's tokens; ``exact_shapley`` on
+            too many tokens; NaN or inf scores (the message says whether the model's logits or
+            the answer's probability is the cause).
+        TypeError: a prompt that is not a string (e.g. a tokenizer's ``BatchEncoding``).
     """
     runner = build_method(method, method_params)
     if baseline not in BASELINES:
@@ -155,7 +179,6 @@ def attribute(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    prompts_per_batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     fn, fn_name = _target_function(target_fn)
     if lm.model.training:
         raise ValueError(
@@ -163,9 +186,16 @@ def attribute(
         )
 
     single = isinstance(prompts, str)
+    if isinstance(prompts, Mapping):
+        raise TypeError(
+            f"prompts must be a string or a list of strings, got {type(prompts).__name__} "
+            "(a tokenizer's output?): pass the text"
+        )
     prompt_list = [prompts] if single else list(prompts)
     if not prompt_list:
         raise ValueError("no prompts given")
+    for p in prompt_list:
+        check_prompt(p)
     answers = _per_prompt(target, prompt_list, "target")
     foils = _per_prompt(foil, prompt_list, "foil")
     seeds = _per_prompt_seed(seed, len(prompt_list))
@@ -177,22 +207,97 @@ def attribute(
         )
     if per_answer_token and fn is contrast:
         raise ValueError("per_answer_token does not apply to the contrast target")
-    for p in prompt_list:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"empty prompt: {p!r}; give a non-empty string")
-    missing = [i for i, a in enumerate(answers) if a is None]
-    if missing:
-        from tokattr.accuracy import greedy_answers
+    answers = fill_greedy_answers(lm, prompt_list, answers, max_new_tokens)
+    encoded = encode_examples(lm.tokenizer, prompt_list, answers, foils, lm.max_length)
+    results = _attribute_encoded(
+        lm,
+        encoded,
+        prompt_list,
+        [a if isinstance(a, str) else None for a in answers],
+        [f if isinstance(f, str) else None for f in foils],
+        runner,
+        method,
+        fn,
+        fn_name,
+        baseline,
+        seeds,
+        batch_size,
+        memory_budget,
+        per_answer_token,
+    )
+    return results[0] if single else results
 
-        greedy = greedy_answers(lm, [prompt_list[i] for i in missing])
+
+def fill_greedy_answers(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    answers: Sequence[Answer | None],
+    max_new_tokens: int | None = None,
+) -> list[Answer]:
+    """``answers`` with each ``None`` replaced by the model's greedy answer to its prompt (the
+    generated token ids). Every prompt's length is checked in tokens before any generation.
+
+    Raises:
+        ValueError: a prompt with no room for an answer in the model's context, or an empty
+            greedy answer (the model stops at once).
+    """
+    from tokattr.accuracy import greedy_answer_ids, prompt_token_ids
+
+    ids = prompt_token_ids(lm, prompts)  # lengths first: no generation for a prompt too long
+    missing = [i for i, a in enumerate(answers) if a is None]
+    out: list[Answer] = [a for a in answers]  # type: ignore[misc]
+    if missing:
+        greedy = greedy_answer_ids(lm, [ids[i] for i in missing], max_new_tokens)
         for i, g in zip(missing, greedy, strict=True):
             if not g:
                 raise ValueError(
-                    f"the model's greedy answer to {prompt_list[i]!r} is empty; pass target="
+                    f"the model's greedy answer to {quote(prompts[i])} is empty (it stops at "
+                    "once); pass target="
                 )
-            answers[i] = g
+            out[i] = g
+    return out
 
-    encoded = encode_examples(lm.tokenizer, prompt_list, answers, foils, lm.max_length)
+
+def answer_text(lm: LanguageModel, answer: Answer) -> str:
+    """An answer as text: a string as given, token ids decoded as they are (no stripping)."""
+    if isinstance(answer, str):
+        return answer
+    ids = answer.tolist() if isinstance(answer, Tensor) else list(answer)
+    return lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _attribute_encoded(
+    lm: LanguageModel,
+    encoded: Sequence[Encoded],
+    prompts: Sequence[str],
+    answers: Sequence[str | None] | None,
+    foils: Sequence[str | None] | None,
+    runner: Method,
+    method: str,
+    fn: TargetFunction,
+    fn_name: str,
+    baseline: str,
+    seeds: Sequence[int | None],
+    batch_size: int | None,
+    memory_budget: int | None,
+    per_answer_token: bool = False,
+    keep_errors: bool = False,
+) -> list[Attribution]:
+    """Attribute encoded examples (:func:`~tokattr.batching.encode_examples`), in batches of
+    ``batch_size`` prompts (default :data:`DEFAULT_BATCH_SIZE`). ``answers`` / ``foils``: the
+    texts to report where given as strings (``None``: the ids decoded). ``keep_errors``: an example
+    whose target score or scores are not finite gets an :class:`Attribution` with its
+    ``error`` set instead of raising (the benchmark writes it as an error row)."""
+    prompts_per_batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    n = len(encoded)
+    texts = [
+        a if a is not None else answer_text(lm, e.answer_ids)
+        for a, e in zip(answers or [None] * n, encoded, strict=True)
+    ]
+    foil_texts = [
+        None if e.foil_ids is None else f if f is not None else answer_text(lm, e.foil_ids)
+        for f, e in zip(foils or [None] * n, encoded, strict=True)
+    ]
     results: list[Attribution] = []
     for start in range(0, len(encoded), prompts_per_batch):
         stop = min(start + prompts_per_batch, len(encoded))
@@ -203,19 +308,21 @@ def attribute(
             runner,
             fn,
             baseline,
-            seeds[start:stop],
+            list(seeds[start:stop]),
             pass_sizes(lm, batch, batch_size, memory_budget),
             per_answer_token,
             meta=dict(
                 method=method,
-                prompts=prompt_list[start:stop],
-                answers=answers[start:stop],
-                foils=foils[start:stop],
+                prompts=list(prompts[start:stop]),
+                answers=texts[start:stop],
+                answer_ids=[list(e.answer_ids) for e in encoded[start:stop]],
+                foils=foil_texts[start:stop],
                 fn_name=fn_name,
                 params={k: getattr(runner, k) for k in method_parameters(method)},
+                keep_errors=keep_errors,
             ),
         )
-    return results[0] if single else results
+    return results
 
 
 def _attribute_batch(
@@ -305,8 +412,11 @@ def _attribute_batch(
     delta = None if delta is None else delta[order]
     bad_fx = ~torch.isfinite(fx)
     bad_scores = ~torch.isfinite(flat)
+    errors: dict[int, str] = {}
     if bool(bad_fx.any() or bad_scores.any()):
-        _raise_not_finite(meta, rows_per_example, fx, bad_fx, per_row)
+        errors = _not_finite(meta, rows_per_example, fx, bad_fx, per_row)
+        if not meta.get("keep_errors"):
+            raise ValueError(next(iter(errors.values())))
     fx_list = fx.tolist()
     delta_list = None if delta is None else delta.tolist()
 
@@ -336,35 +446,50 @@ def _attribute_batch(
                 time_ms=float(millis[b]),
                 delta=d if per_answer_token or d is None else d[0],
                 foil=meta["foils"][b],
+                answer_ids=meta["answer_ids"][b],
+                error=errors.get(b),
             )
         )
     return results
 
 
-def _raise_not_finite(
+def _not_finite(
     meta: dict,
     rows_per_example: list[int],
     fx: Tensor,
     bad_fx: Tensor,
     per_row: Sequence[Tensor],
-) -> None:
-    """Raise for the first example whose target score (checked first) or scores are not finite
-    (``fx``, ``bad_fx`` and ``per_row`` hold the rows grouped by example)."""
+) -> dict[int, str]:
+    """For each example whose target score or scores are not finite, a message naming the
+    cause (``fx``, ``bad_fx`` and ``per_row`` hold the rows grouped by example): NaN/inf
+    logits, an answer the model gives probability 0, or a method that gives NaN/inf."""
+    errors: dict[int, str] = {}
     first = 0
     for b, n_rows in enumerate(rows_per_example):
         mine = slice(first, first + n_rows)
         first += n_rows
-        prompt, answer = meta["prompts"][b], meta["answers"][b]
+        where = f"prompt {quote(meta['prompts'][b])} and answer {quote(meta['answers'][b], 40)}"
+        values = fx[mine].tolist()
         if bad_fx[mine].any():
-            raise ValueError(
-                f"the target score is not finite ({fx[mine].tolist()}) for prompt {prompt!r} "
-                f"and answer {answer!r}; use target_fn='log_prob' or a likelier answer"
+            if any(math.isnan(v) for v in values):
+                cause = (
+                    "the model's logits are NaN or inf here (its weights or dtype: e.g. a "
+                    "float16 overflow)"
+                )
+            elif any(v == -math.inf for v in values):
+                cause = (
+                    "the model gives this answer probability 0 (log p = -inf): an impossible "
+                    "answer, or -inf logits"
+                )
+            else:
+                cause = "the model's logits are inf here"
+            errors[b] = f"the target score is not finite ({values}) for {where}: {cause}"
+        elif not all(torch.isfinite(r).all() for r in per_row[mine]):
+            errors[b] = (
+                f"method {meta['method']!r} gave NaN/inf scores for {where} (the target score "
+                f"{values} is finite)"
             )
-        if not all(torch.isfinite(r).all() for r in per_row[mine]):
-            raise ValueError(
-                f"method {meta['method']!r} gave NaN/inf scores for prompt {prompt!r} and answer "
-                f"{answer!r} (target score {fx[mine].tolist()})"
-            )
+    return errors
 
 
 def pass_sizes(
@@ -538,19 +663,23 @@ def _baseline_vector(lm: LanguageModel, baseline: str, weight: Tensor) -> Tensor
 
 
 def _per_prompt(
-    value: str | Sequence[str] | None, prompts: list[str], what: str
-) -> list[str | None]:
+    value: Answer | Sequence[Answer | None] | None, prompts: list[str], what: str
+) -> list[Answer | None]:
+    """One answer (or foil) per prompt: a string or token ids for a single prompt, or a list
+    with one per prompt (``None`` entries for targets: the greedy answer)."""
     if value is None:
         return [None] * len(prompts)
-    if isinstance(value, str):
+    if isinstance(value, str) or is_token_ids(value):
         if len(prompts) != 1:
             raise ValueError(
-                f"give one {what} per prompt (a list of {len(prompts)}), not one string"
+                f"give one {what} per prompt (a list of {len(prompts)}), not one {what}"
             )
-        return [value]
-    values = list(value)
+        return [value]  # type: ignore[list-item]
+    values = list(value)  # type: ignore[arg-type]
     if len(values) != len(prompts):
         raise ValueError(f"{len(values)} {what}s for {len(prompts)} prompts")
+    if what == "foil" and any(v is None for v in values):
+        raise ValueError("give a foil for every prompt")
     return values
 
 

@@ -8,7 +8,9 @@ made invisible by the attention mask and by position ids counted from the first 
 (``cumsum(attention_mask) - 1``), so a prompt scores the same alone or in a batch.
 
 Features (the tokens that get scores) are the prompt's tokens minus BOS and every other
-special token; answer tokens are those of ``prompt + answer`` after the prompt's own tokens.
+special token (:func:`special_ids`, a chat template's markers included). An answer is either token ids, used as they are (the model's greedy answer is
+the ids it generated), or a string, tokenized once in context: its tokens are those of
+``prompt + answer`` after the prompt's own tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+QUOTE_CHARS = 80
+"""Error messages quote at most this many characters of a prompt or answer."""
+
+
+def quote(text: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(text)``, or for a longer string its start and end around ``…`` and its length,
+    so that an error about a 5,000-character prompt stays one short line."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return repr(text)
+    half = limit // 2
+    return f"{text[:half]!r}…{text[-half:]!r} ({len(text):,} characters)"
+
+
+Answer = str | Sequence[int]
+"""An answer: a string (tokenized in context after the prompt) or the token ids themselves."""
+
+
+def is_token_ids(value: object) -> bool:
+    """Whether ``value`` is a sequence of token ids (ints), not a string or a list of strings."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | Tensor):
+        return False
+    items = value.tolist() if isinstance(value, Tensor) else list(value)
+    return bool(items) and all(isinstance(i, int) and not isinstance(i, bool) for i in items)
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class TokenBatch:
     foil_ids: Tensor | None  # [batch, seq] prompt + foil
     foil_attention_mask: Tensor | None  # [batch, seq]
     foil_mask: Tensor | None  # [batch, seq] bool, foil tokens
+    foil_position_ids: Tensor | None  # [batch, seq] positions of prompt + foil
     prompt_width: int  # columns [0, prompt_width) hold the (left-padded) prompts
     tokens: list[list[str]]  # features as the tokenizer spells them, e.g. '▁$'
     token_ids: list[list[int]]
@@ -83,8 +110,8 @@ class NotAPrefixError(ValueError):
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
-    answer: str,
-    foil: str | None = None,
+    answer: Answer,
+    foil: Answer | None = None,
     max_length: int | None = None,
     tokenize: Tokenize | None = None,
     specials: frozenset[int] | None = None,
@@ -96,6 +123,10 @@ def encode_example(
     ``▁= ▁ - …``) gives that whitespace to the answer: the tokens are then exactly those of
     ``prompt + answer`` read as one text, as the model saw such text in training.
 
+    An answer (or foil) given as token ids is taken as it is, after the prompt's own tokens:
+    what the model generated, with no decode and re-encode between (which can merge, split or
+    mangle tokens with a byte-level BPE tokenizer).
+
     ``tokenize`` (``text -> encoding``, default: call the tokenizer) and ``specials`` (the
     tokenizer's special token ids) let :func:`encode_examples` share one batched tokenizer call
     and one lookup across examples.
@@ -106,34 +137,53 @@ def encode_example(
             prefix of the tokens of ``prompt + answer`` (the answer would change how the prompt
             is split, so "the answer's tokens" would not be defined).
     """
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"empty prompt: {prompt!r}; give a non-empty string")
+    check_prompt(prompt)
     if tokenize is None:
         tokenize = functools.partial(_encode_text, tokenizer)
-    specials = frozenset(tokenizer.all_special_ids) if specials is None else specials
+    specials = special_ids(tokenizer) if specials is None else specials
     try:
         return _encode(tokenizer, prompt, answer, foil, max_length, tokenize, specials)
     except NotAPrefixError:
         stripped = prompt.rstrip()
-        if stripped == prompt or not stripped:
+        if stripped == prompt or not stripped or is_token_ids(answer):
             raise
         tail = prompt[len(stripped) :]
         return _encode(
             tokenizer,
             stripped,
             tail + answer,
-            None if foil is None else tail + foil,
+            None if foil is None or is_token_ids(foil) else tail + foil,
             max_length,
             tokenize,
             specials,
         )
 
 
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids that are never features: the tokenizer's special tokens (BOS, EOS, pad, …) and every
+    token added as special (a chat template's ``<|im_start|>``, ``<|im_end|>``, …), wherever
+    they occur in a prompt."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return frozenset(tokenizer.all_special_ids) | frozenset(
+        i for i, t in added.items() if getattr(t, "special", False)
+    )
+
+
+def check_prompt(prompt: object) -> None:
+    """A prompt must be a non-empty string (a clear error for anything else)."""
+    if not isinstance(prompt, str):
+        raise TypeError(
+            f"a prompt must be a string, got {type(prompt).__name__} {quote(prompt, 40)}"
+        )
+    if not prompt:
+        raise ValueError("empty prompt: give a non-empty string")
+
+
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    answers: Sequence[str],
-    foils: Sequence[str | None] | None = None,
+    answers: Sequence[Answer],
+    foils: Sequence[Answer | None] | None = None,
     max_length: int | None = None,
 ) -> list[Encoded]:
     """:func:`encode_example` for each ``(prompt, answer, foil)``, with every prompt and every
@@ -171,7 +221,7 @@ def encode_examples(
         enc = known.get(text)
         return _encode_text(tokenizer, text) if enc is None else enc
 
-    specials = frozenset(tokenizer.all_special_ids)
+    specials = special_ids(tokenizer)
     return [
         encode_example(tokenizer, p, a, f, max_length, tokenize, specials)
         for p, a, f in zip(prompts, answers, foil_list, strict=True)
@@ -181,8 +231,8 @@ def encode_examples(
 def _encode(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
-    answer: str,
-    foil: str | None,
+    answer: Answer,
+    foil: Answer | None,
     max_length: int | None,
     tokenize: Tokenize,
     specials: frozenset[int],
@@ -194,32 +244,52 @@ def _encode(
         for i, m in zip(prompt_ids, enc["special_tokens_mask"], strict=True)
     ]
     if all(special):
-        raise ValueError(f"prompt {prompt!r} has no token to attribute (only special tokens)")
+        raise ValueError(f"prompt {quote(prompt)} has no token to attribute (only special tokens)")
+    if max_length is not None and len(prompt_ids) >= max_length:
+        raise ValueError(
+            f"prompt is {len(prompt_ids)} tokens, and the model's context of {max_length} "
+            f"leaves no room for an answer: {quote(prompt)}"
+        )
     offsets = (
         [tuple(o) for o in enc["offset_mapping"]]
         if "offset_mapping" in enc
         else [(0, 0)] * len(prompt_ids)
     )
 
-    def continuation(text: str, what: str) -> list[int]:
-        if not text:
-            raise ValueError(f"empty {what} for prompt {prompt!r}")
-        full: list[int] = list(tokenize(prompt + text)["input_ids"])
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise NotAPrefixError(
-                f"the tokens of prompt {prompt!r} are not a prefix of the tokens of prompt + "
-                f"{what} {prompt + text!r}: the {what} changes how the prompt is tokenized "
-                f"({tokenizer.convert_ids_to_tokens(prompt_ids)} vs "
-                f"{tokenizer.convert_ids_to_tokens(full)}). Start the {what} at a token "
-                "boundary (e.g. with a leading space for BPE tokenizers)."
-            )
-        rest = full[len(prompt_ids) :]
-        if not rest:
-            raise ValueError(f"the {what} {text!r} adds no token to prompt {prompt!r}")
+    def continuation(text: Answer, what: str) -> list[int]:
+        if is_token_ids(text):
+            rest = [int(i) for i in (text.tolist() if isinstance(text, Tensor) else text)]
+            full = prompt_ids + rest
+        else:
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"the {what} for prompt {quote(prompt, 40)} must be a string or token ids, "
+                    f"got {type(text).__name__} {quote(text, 40)}"
+                )
+            if not text:
+                raise ValueError(f"empty {what} for prompt {quote(prompt)}")
+            full = list(tokenize(prompt + text)["input_ids"])
+            if full[: len(prompt_ids)] != prompt_ids:
+                n = next(
+                    (i for i, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b),
+                    min(len(prompt_ids), len(full)),
+                )
+                raise NotAPrefixError(
+                    f"the {what} {quote(text, 40)} changes how the prompt is tokenized (prompt "
+                    f"token {n} {tokenizer.convert_ids_to_tokens(prompt_ids[n : n + 1])} becomes "
+                    f"{tokenizer.convert_ids_to_tokens(full[n : n + 2])} in prompt + {what}); "
+                    f"start the {what} at a token boundary (e.g. a leading space for BPE "
+                    f"tokenizers), or give its token ids. Prompt: {quote(prompt)}"
+                )
+            rest = full[len(prompt_ids) :]
+            if not rest:
+                raise ValueError(
+                    f"the {what} {quote(text, 40)} adds no token to prompt {quote(prompt)}"
+                )
         if max_length is not None and len(full) > max_length:
             raise ValueError(
                 f"prompt + {what} is {len(full)} tokens, longer than the model's context of "
-                f"{max_length} tokens: {prompt + text!r}"
+                f"{max_length} tokens: {quote(prompt)}"
             )
         return rest
 
@@ -281,6 +351,11 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
         torch.tensor(foil_att_rows, dtype=torch.long).view(-1, seq) if has_foil else None
     )
     foil_mask = torch.tensor(foil_mask_rows, dtype=torch.bool).view(-1, seq) if has_foil else None
+    # The foil's own positions: where it is longer than the answer, its last tokens sit where
+    # the answer row has padding (and that padding's clamped positions would repeat).
+    foil_position_ids = (
+        position_ids_from(foil_attention_mask) if foil_attention_mask is not None else None
+    )
     return TokenBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -290,6 +365,7 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
         foil_ids=foil_ids,
         foil_attention_mask=foil_attention_mask,
         foil_mask=foil_mask,
+        foil_position_ids=foil_position_ids,
         prompt_width=prompt_width,
         tokens=tokens,
         token_ids=token_ids,

@@ -23,9 +23,11 @@ from tokattr.attribution import (
     BASELINES,
     DEFAULT_BATCH_SIZE,
     Attribution,
-    attribute,
+    _attribute_encoded,
+    _target_function,
     batch_problem,
     build_method,
+    fill_greedy_answers,
 )
 from tokattr.batching import Encoded, TokenBatch, collate, encode_examples
 from tokattr.data.arithmetic import FORMATTING, OPERAND, OPERATOR, label_prompt
@@ -256,7 +258,8 @@ def evaluate(
     Args:
         lm: the model (:func:`tokattr.load_model`).
         prompts: the prompts.
-        answers: the answer attributed for each prompt; ``None``: the model's greedy answers.
+        answers: the answer attributed for each prompt (a string or token ids); ``None`` (for
+            all, or for one prompt in the list): the model's greedy answer, as generated ids.
         methods: method names, or ``{name: {hyper-parameter: value}}``.
         metrics: names in :data:`tokattr.metrics.METRICS`; ``None``: all of them.
             ``completeness_error`` is reported for integrated_gradients only and
@@ -292,16 +295,13 @@ def evaluate(
     if len(seed_list) != len(prompt_list):
         raise ValueError(f"{len(seed_list)} seeds for {len(prompt_list)} prompts")
     if answers is None:
-        from tokattr.accuracy import greedy_answers
-
-        answer_list = greedy_answers(lm, prompt_list)
-        empty = [p for p, a in zip(prompt_list, answer_list, strict=True) if not a]
-        if empty:
-            raise ValueError(f"the model's greedy answer is empty for {empty[:3]}; pass answers")
+        answer_list: list = [None] * len(prompt_list)
     else:
         answer_list = [answers] if isinstance(answers, str) else list(answers)
         if len(answer_list) != len(prompt_list):
             raise ValueError(f"{len(answer_list)} answers for {len(prompt_list)} prompts")
+    # Lengths in tokens before any generation; the greedy answers as generated token ids.
+    answer_list = fill_greedy_answers(lm, prompt_list, answer_list)
     # Tokenize everything first: a bad prompt fails before any method has run.
     encoded = encode_examples(lm.tokenizer, prompt_list, answer_list, None, lm.max_length)
     if "randomization_spearman" in names and random_model is None:
@@ -322,7 +322,7 @@ def evaluate(
                 lm,
                 [encoded[i] for i in chunk],
                 [prompt_list[i] for i in chunk],
-                [answer_list[i] for i in chunk],
+                [a if isinstance(a := answer_list[i], str) else None for i in chunk],
                 [seed_list[i] for i in chunk],
                 method,
                 params,
@@ -352,19 +352,22 @@ def evaluate(
 class BatchScores:
     """One method on one batch: the attributions, each applicable metric's per-example values
     (``[batch]``, or ``[batch, K]`` per token fraction) and the exact Shapley values computed
-    for ``shapley_error`` (reusable by the next SHAP method on the same batch)."""
+    for ``shapley_error`` (reusable by the next SHAP method on the same batch). With
+    ``keep_errors``, ``errors`` names the examples whose target or scores were not finite:
+    their metric values are NaN and their curves ``None``."""
 
     attributions: list[Attribution]
     values: dict[str, Tensor]
     exact: Tensor | None
-    curves: list[dict[str, list[float]]] | None = None  # per example: f along the curves
+    curves: list[dict[str, list[float]] | None] | None = None  # per example: f along the curves
+    errors: dict[int, str] = field(default_factory=dict)  # example index -> why it has no scores
 
 
 def score_batch(
     lm: LanguageModel,
     encoded: Sequence[Encoded],
     prompts: Sequence[str],
-    answers: Sequence[str],
+    answers: Sequence[str | None] | None,
     seeds: Sequence[int],
     method: str,
     params: Mapping[str, object],
@@ -378,29 +381,44 @@ def score_batch(
     random_model: LanguageModel | None = None,
     shapley_max_tokens: int = 16,
     exact: Tensor | None = None,
+    keep_errors: bool = False,
 ) -> BatchScores:
-    """Attribute one batch of examples with one method and compute every metric that applies
-    to it (see :data:`tokattr.metrics.APPLIES_TO`), one value per example. The building block
-    of :func:`evaluate` and of the benchmark runner."""
+    """Attribute one batch of encoded examples with one method and compute every metric that
+    applies to it (see :data:`tokattr.metrics.APPLIES_TO`), one value per example. The
+    building block of :func:`evaluate` and of the benchmark runner. ``answers``: the answers'
+    texts to report (``None`` entries: their token ids decoded).
+
+    ``keep_errors``: an example whose target score or scores are not finite is reported in
+    ``errors`` (and left out of the metrics) instead of stopping the batch."""
     runner = runner if runner is not None else build_method(method, dict(params))
-    batch = collate(lm.tokenizer, list(encoded)).to(lm.device)
-    common = dict(
-        target=list(answers),
-        baseline=baseline,
-        seed=list(seeds),
-        batch_size=batch_size,
-        target_fn=target_fn,
-        **params,
-    )
-    attrs = attribute(lm, list(prompts), method, **common)
-    assert isinstance(attrs, list)
-    problem = batch_problem(lm, batch, baseline, target_fn, list(seeds), batch_size)
+    fn, fn_name = _target_function(target_fn)
+    n = len(encoded)
+
+    def run(model_lm: LanguageModel, keep: bool) -> list[Attribution]:
+        return _attribute_encoded(
+            model_lm, encoded, prompts, answers, None, runner, method, fn, fn_name, baseline,
+            list(seeds), batch_size, None, keep_errors=keep,
+        )  # fmt: skip
+
+    all_attrs = run(lm, keep_errors)
+    errors = {i: a.error for i, a in enumerate(all_attrs) if a.error is not None}
+    good = [i for i in range(n) if i not in errors]
+    if not good:
+        return BatchScores(all_attrs, {}, exact, None, errors)
+    attrs = [all_attrs[i] for i in good]
+    sub_prompts = [prompts[i] for i in good]
+    sub_seeds = [seeds[i] for i in good]
+    batch = collate(lm.tokenizer, [encoded[i] for i in good]).to(lm.device)
+    problem = batch_problem(lm, batch, baseline, target_fn, sub_seeds, batch_size)
     scores = _full_scores(attrs, batch.feature_mask).to(lm.device)
-    if method == "exact_shapley" and exact is None:
+    if method == "exact_shapley" and exact is None and not errors:
         exact = scores.float().cpu()  # what shapley_error compares the estimators against
+    if exact is not None and errors:
+        exact = None  # laid out for the whole batch; recomputed for the good examples
     names = [n for n in metrics if method in APPLIES_TO.get(n, {method})]
     curves = F.erasure_curves(problem, scores) if set(ERASURE) & set(names) else None
     values: dict[str, Tensor] = {}
+    exact_used = exact
     for name in names:
         metric = METRICS[name](**dict((metric_params or {}).get(name, {})))
         if name in ERASURE:
@@ -408,31 +426,38 @@ def score_batch(
         elif name == "max_sensitivity":
             metric.update(problem, scores, runner)
         elif name == "shapley_error":
-            if exact is None:
-                exact = _exact_shapley(problem, shapley_max_tokens)
-            metric.update(scores.cpu(), exact, batch.feature_mask.cpu())
+            if exact_used is None:
+                exact_used = _exact_shapley(problem, shapley_max_tokens)
+            metric.update(scores.cpu(), exact_used, batch.feature_mask.cpu())
         elif name == "plausibility_auprc":
-            metric.update(scores.cpu(), plausibility_labels(batch, prompts))
+            metric.update(scores.cpu(), plausibility_labels(batch, sub_prompts))
         elif name == "randomization_spearman":
             if random_model is None:
                 raise ValueError("randomization_spearman needs the re-initialised model")
-            rand = attribute(random_model, list(prompts), method, **common)
-            assert isinstance(rand, list)
-            rand_scores = _full_scores(rand, batch.feature_mask)
+            rand = run(random_model, True)  # a NaN on the random model: NaN, not a stop
+            rand_scores = _full_scores([rand[i] for i in good], batch.feature_mask)
             metric.update(scores.cpu(), rand_scores, batch.feature_mask.cpu())
         else:
             metric.update(problem, scores)
-        values[name] = metric.per_example().cpu()
-    per_example = None
+        v = metric.per_example().cpu()
+        if errors:  # back to one row per example of the batch, NaN for the failed ones
+            full = torch.full((n, *v.shape[1:]), math.nan, dtype=v.dtype)
+            full[torch.tensor(good)] = v
+            v = full
+        values[name] = v
+    per_example: list[dict[str, list[float]] | None] | None = None
     if curves is not None:  # f at each step: deletion from f(x), insertion from f(baseline)
-        per_example = [
-            {
-                "deletion": curves.deletion[b, : int(curves.n[b]) + 1].tolist(),
-                "insertion": curves.insertion[b, : int(curves.n[b]) + 1].tolist(),
+        per_example = [None] * n
+        for j, b in enumerate(good):
+            per_example[b] = {
+                "deletion": curves.deletion[j, : int(curves.n[j]) + 1].tolist(),
+                "insertion": curves.insertion[j, : int(curves.n[j]) + 1].tolist(),
             }
-            for b in range(len(attrs))
-        ]
-    return BatchScores(attrs, values, exact, per_example)
+    if method == "exact_shapley" and errors:
+        exact = None
+    elif exact is None and exact_used is not None and not errors:
+        exact = exact_used
+    return BatchScores(all_attrs, values, exact, per_example, errors)
 
 
 def metric_fractions(name: str, metric_params: Mapping[str, Mapping[str, object]] | None) -> tuple:

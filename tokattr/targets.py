@@ -53,6 +53,7 @@ class TargetInputs:
     foil_labels: Tensor | None = None  # [batch, seq] prompt + foil ids
     foil_attention_mask: Tensor | None = None  # [batch, seq]
     foil_score_mask: Tensor | None = None  # [batch, seq] bool
+    foil_position_ids: Tensor | None = None  # [batch, seq] positions of prompt + foil
 
     def as_tuple(self) -> tuple[Tensor | None, ...]:
         """The fields in order, e.g. as Captum's ``additional_forward_args`` (which it expands
@@ -100,6 +101,7 @@ def target_inputs(batch: TokenBatch, per_answer_token: bool = False) -> TargetIn
         foil_labels=pick(batch.foil_ids),
         foil_attention_mask=pick(batch.foil_attention_mask),
         foil_score_mask=pick(batch.foil_mask),
+        foil_position_ids=pick(batch.foil_position_ids),
     )
 
 
@@ -663,7 +665,8 @@ PREFIX_TARGETS.update({log_prob, prob, logit})
 def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
     """``log p(answer) - log p(foil)``, both teacher-forced on the same prompt embeddings. [batch]
 
-    The foil's tokens replace the answer's in the continuation slot; the prompt part of
+    The foil's tokens replace the answer's in the continuation slot, at the foil's own
+    positions (a foil longer than the answer runs past the answer's end); the prompt part of
     ``embeds`` (perturbed or not) is shared by both passes.
     """
     if inputs.foil_labels is None or inputs.foil_score_mask is None:
@@ -675,7 +678,7 @@ def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
         model,
         embeds_f,
         inputs.foil_attention_mask,
-        inputs.position_ids,
+        inputs.position_ids if inputs.foil_position_ids is None else inputs.foil_position_ids,
         inputs.foil_labels,
         inputs.foil_score_mask,
     ).sum(-1)  # [batch]
