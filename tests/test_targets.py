@@ -217,7 +217,9 @@ def test_encode_examples_errors_name_the_first_bad_example():
         encode_examples(tok, ["1+1=", ""], ["2", "3"])
     with pytest.raises(ValueError, match="empty answer for prompt '2\\+2='"):
         encode_examples(tok, ["1+1=", "2+2=", "3+3="], ["2", "", ""])
-    with pytest.raises(ValueError, match="context of 20 leaves no room for an answer: '1\\+1=1\\+1="):
+    with pytest.raises(
+        ValueError, match="context of 20 leaves no room for an answer: '1\\+1=1\\+1="
+    ):
         encode_examples(tok, ["2=", "1+1=" * 5], ["2", "2"], max_length=20)
 
 

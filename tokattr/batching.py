@@ -8,9 +8,10 @@ made invisible by the attention mask and by position ids counted from the first 
 (``cumsum(attention_mask) - 1``), so a prompt scores the same alone or in a batch.
 
 Features (the tokens that get scores) are the prompt's tokens minus BOS and every other
-special token (:func:`special_ids`, a chat template's markers included). An answer is either token ids, used as they are (the model's greedy answer is
-the ids it generated), or a string, tokenized once in context: its tokens are those of
-``prompt + answer`` after the prompt's own tokens.
+special token (:func:`special_ids`, a chat template's markers included). An answer is
+either token ids, used as they are (the model's greedy answer is the ids it generated), or a
+string, tokenized once in context: its tokens are those of ``prompt + answer`` after the
+prompt's own tokens.
 """
 
 from __future__ import annotations
