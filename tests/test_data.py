@@ -241,10 +241,16 @@ def test_jsonl(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="holds no problems"):
         read_jsonl(empty)
+    # No answer and not arithmetic: kept unset, so the model's greedy answer is attributed
+    # (as configs/bench/jsonl.yaml says), not parsed as a broken arithmetic query.
     noans = tmp_path / "noans.jsonl"
     noans.write_text('{"id": "a", "prompt": "Hello"}\n')
-    with pytest.raises(ValueError, match=r"noans\.jsonl:1"):
-        read_jsonl(noans)
+    (only,) = read_jsonl(noans)
+    assert only.answer is None and only.roles is None and only.line == 1
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text('{"id": "a", "prompt": "1+1=", "answer": 2}\n')
+    with pytest.raises(ValueError, match=r'typed\.jsonl:1: "answer" must be a string, got int'):
+        read_jsonl(typed)
 
 
 def test_formatted_buckets_are_buckets():

@@ -60,7 +60,7 @@ def prompt_token_ids(lm: LanguageModel, prompts: Sequence[str]) -> list[list[int
 
     for p in prompts:
         check_prompt(p)
-    ids = lm.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    ids = lm.tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]
     limit = lm.max_length
     for p, row in zip(prompts, ids, strict=True):
         if len(row) >= limit:

@@ -61,8 +61,7 @@ def attribute_command(
         batch_size: the most sequences per forward pass (default 64).
         json_out: also write every attribution to this JSON file (a list of records).
     """
-    from tokattr.accuracy import greedy_answers
-    from tokattr.attribution import attribute, method_parameters
+    from tokattr.attribution import attribute, fill_greedy_answers, method_parameters
     from tokattr.models import load_model
 
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
@@ -83,7 +82,8 @@ def attribute_command(
         raise ValueError(f"{len(target)} targets for {len(prompts)} prompts")
 
     lm = load_model(model)
-    answers = list(target) if target is not None else greedy_answers(lm, prompts)
+    # The greedy answers' generated token ids, once for every method (lengths checked first).
+    answers = fill_greedy_answers(lm, prompts, list(target) if target else [None] * len(prompts))
     results = {
         m: attribute(
             lm,

@@ -5,8 +5,12 @@
 LightningCLI over :class:`~tokattr.runner.AttributionModule` and
 :class:`~tokattr.runner.PromptDataModule`: every ``--trainer.*`` flag (accelerator, devices,
 strategy, precision, num_nodes, …), ``--model.*``, ``--data.*``, plus ``--out_dir``,
-``--max_examples``, ``--methods`` and ``--overwrite``. Results are written as they are
-produced; the same command on the same ``out_dir`` resumes a killed run.
+``--max_examples``, ``--methods``, ``--overwrite`` and ``--retry_errors``. Results are
+written as they are produced; the same command on the same ``out_dir`` resumes a killed run.
+
+Cheap checks come first, before the model loads: the config, the ``out_dir`` lock (one run
+per ``out_dir``), the data file, and every prompt's length in tokens (with the tokenizer
+alone), each error naming its file and line.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tokattr.methods import METHODS
-from tokattr.results import check_run, cost_markdown, iter_rows, merge
+from tokattr.results import (
+    OutDirLock,
+    check_run,
+    cost_markdown,
+    error_summary,
+    iter_rows,
+    merge,
+)
 from tokattr.runner import (
     AttributionModule,
     ExamplesPerSecond,
@@ -36,7 +47,14 @@ from tokattr.runner import (
 
 
 class BenchCLI(LightningCLI):
-    """The ``tokattr bench`` parser: LightningCLI plus the run's own options."""
+    """The ``tokattr bench`` parser: LightningCLI plus the run's own options.
+
+    ``state`` (a dict the caller keeps) receives the ``out_dir`` lock and the examples read
+    before the model is instantiated, so the caller can release the lock whatever fails."""
+
+    def __init__(self, *args: Any, state: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.state = {} if state is None else state
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -59,6 +77,12 @@ class BenchCLI(LightningCLI):
             type=bool,
             default=False,
             help="Discard results of a different run found in out_dir.",
+        )
+        parser.add_argument(
+            "--retry_errors",
+            type=bool,
+            default=False,
+            help="Compute again the (example, method) pairs a previous run left as error rows.",
         )
         parser.add_argument(
             "--report",
@@ -97,6 +121,34 @@ class BenchCLI(LightningCLI):
         if cfg.max_examples is not None:
             cfg.data.max_examples = cfg.max_examples
         _check_devices(cfg.trainer)
+        if cfg.model.target_fn == "contrast":
+            raise ValueError("target_fn='contrast' needs foils, which the runner does not take")
+        self._cheap_checks(cfg)
+
+    def _cheap_checks(self, cfg: Any) -> None:
+        """Before the model loads: take the ``out_dir`` lock (rank zero), read the data, and
+        check every prompt's length in tokens with the tokenizer alone."""
+        if _is_rank_zero():
+            lock = OutDirLock(cfg.out_dir)
+            lock.acquire()
+            self.state["lock"] = lock
+        data = cfg.data.as_dict()
+        data.pop("__path__", None)
+        examples = PromptDataModule(**data).examples()
+        self.state["examples"] = examples
+        from tokattr.batching import quote
+        from tokattr.models import load_tokenizer
+
+        tokenizer, limit = load_tokenizer(cfg.model.model)
+        prompts = [e["prompt"] for e in examples]
+        lengths = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        for e, ids in zip(examples, lengths, strict=True):
+            if len(ids) >= limit:
+                raise ValueError(
+                    f"{e['where']}: prompt {e['example_id']!r} is {len(ids)} tokens, and the "
+                    f"model's context of {limit} leaves no room for an answer: "
+                    f"{quote(e['prompt'])}"
+                )
 
 
 def _check_devices(trainer_cfg: Any) -> None:
@@ -121,7 +173,7 @@ def _is_rank_zero() -> bool:
     return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-def make_cli(argv: list[str]) -> BenchCLI:
+def make_cli(argv: list[str], state: dict[str, Any] | None = None) -> BenchCLI:
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads ``args`` only
     try:
         with warnings.catch_warnings():
@@ -141,6 +193,7 @@ def make_cli(argv: list[str]) -> BenchCLI:
                     "enable_model_summary": False,
                 },
                 parser_kwargs={"prog": "tokattr bench", "description": __doc__.split("\n\n")[0]},
+                state=state,
             )
     except MisconfigurationException as e:
         raise ValueError(f"trainer: {e}") from e
@@ -150,16 +203,30 @@ def make_cli(argv: list[str]) -> BenchCLI:
 
 def run_bench(argv: list[str]) -> int:
     """Entry point of ``tokattr bench``; returns a process exit code."""
+    state: dict[str, Any] = {}
+    try:
+        return _run_bench(argv, state)
+    finally:
+        if "lock" in state:
+            state["lock"].release()
+
+
+def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     # Batches are whole chunks of examples (see PromptDataModule.chunks); the results writer
     # does not need Lightning's batch indices.
     warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-    cli = make_cli(argv)
+    cli = make_cli(argv, state)
     cfg, module, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     out_dir = Path(cfg.out_dir)
+    if "examples" in state:
+        data._examples = state["examples"]  # read and checked before the model loaded
     examples = data.examples()  # a missing file or an empty data set fails here
     methods = list(module.methods)
+    from tokattr.models import fingerprint
+
     identity = {
         "model": module.model_name,
+        "weights": fingerprint(module.lm),
         "dtype": str(cfg.model.dtype),
         "examples": [[e["example_id"], e["prompt"], e["answer"]] for e in examples],
         "methods": module.methods,
@@ -173,7 +240,7 @@ def run_bench(argv: list[str]) -> int:
     if _is_rank_zero():
         check_run(out_dir, identity, cfg.overwrite)
         (out_dir / "config.yaml").write_text(cli.parser.dump(cfg, skip_none=False))
-    done = done_pairs(out_dir)
+    done = done_pairs(out_dir, keep_errors=not cfg.retry_errors)
     module.done = done
     data.skip = finished_examples(done, examples, methods)
     todo = len(examples) - len(data.skip)
@@ -195,7 +262,11 @@ def run_bench(argv: list[str]) -> int:
     table = _merge_when_complete(out_dir, examples, methods, module, cfg.n_bootstrap)
     print(table.to_markdown())
     print()
-    print(cost_markdown(_rows_in_order(out_dir), methods))
+    rows = _rows_in_order(out_dir)
+    print(cost_markdown(rows, methods))
+    errors = error_summary(rows)
+    if errors:
+        print("\n" + errors, file=sys.stderr)
     _report_and_log(cli, out_dir)
     print(
         f"\n{len(examples)} examples x {len(methods)} methods in "

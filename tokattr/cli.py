@@ -77,8 +77,13 @@ def _heatmap(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     from tokattr.bench_cli import run_bench
+    from tokattr.results import OutDirBusyError
 
-    return run_bench(argv)
+    try:
+        return run_bench(argv)
+    except OutDirBusyError as e:  # another run holds out_dir: nothing was computed
+        print(f"tokattr bench: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _train(argv: list[str]) -> int:

@@ -125,7 +125,17 @@ class EvaluationTable:
 
 
 def _cell(r: MetricRow) -> str:
-    return f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+    return f"{format_value(r.mean)} [{format_value(r.ci_low)}, {format_value(r.ci_high)}]"
+
+
+def format_value(x: float) -> str:
+    """Three decimals, or three significant digits where that would print a non-zero value as
+    0.000 (``2.8e-05`` -> ``2.80e-05``) or a large one very long (``1.23e+06``)."""
+    if math.isnan(x):
+        return "nan"
+    if x != 0 and (abs(x) < 5e-4 or abs(x) >= 1e6):
+        return f"{x:.2e}"
+    return f"{x:.3f}"
 
 
 def bootstrap_interval(

@@ -45,12 +45,7 @@ class LanguageModel:
     @property
     def max_length(self) -> int:
         """The longest sequence (prompt + answer, special tokens included) the model takes."""
-        n = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None
-        )
-        tok_max = self.tokenizer.model_max_length
-        limits = [x for x in (n, tok_max) if isinstance(x, int) and 0 < x < 10**9]
-        return min(limits) if limits else 10**9
+        return context_length(self.model.config, self.tokenizer)
 
 
 def _hub_offline() -> bool:
@@ -95,6 +90,128 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
+def _source(name: str) -> tuple[str, Path | None, dict]:
+    """Where ``name`` loads from: ``(source for from_pretrained, local folder or None,
+    from_pretrained keyword arguments)``.
+
+    Raises:
+        ModelNotFoundError: a missing folder, or a hub id with no hub reachable and no cache.
+    """
+    if not name.strip():
+        raise ValueError("empty model name or path")
+    path = BUNDLED.get(name)
+    if path is None:
+        candidate = Path(name).expanduser()
+        looks_like_path = (
+            candidate.is_absolute() or name.startswith((".", "~")) or candidate.exists()
+        )
+        if candidate.exists():
+            path = candidate
+        elif looks_like_path or name.count("/") > 1:
+            # A hub id is 'name' or 'owner/name'; anything else can only be a folder.
+            raise ModelNotFoundError(f"no model folder at {candidate}")
+    if path is not None:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is not a model folder (expected config.json, weights and tokenizer files "
+                "saved with save_pretrained)"
+            )
+        return str(path), path, {"local_files_only": True}
+    cached = _hub_cached(name)
+    if not cached and not _hub_offline() and not _hub_reachable():
+        raise ModelNotFoundError(
+            f"could not load {name!r}: not a local folder, not in the hub cache, and the "
+            "hub cannot be reached from this machine. Pass a folder saved with "
+            "save_pretrained, or 'arith-tiny' for the bundled model."
+        )
+    return name, None, {"local_files_only": _hub_offline() or cached}
+
+
+def context_length(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest sequence (prompt + answer, special tokens included) a model with this
+    config and tokenizer takes: the smaller of its position limit and the tokenizer's."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    tok_max = tokenizer.model_max_length
+    limits = [x for x in (n, tok_max) if isinstance(x, int) and 0 < x < 10**9]
+    return min(limits) if limits else 10**9
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, trust_remote_code: bool = False
+) -> tuple[PreTrainedTokenizerBase, int]:
+    """The tokenizer of a model and its context length (:func:`context_length`), without
+    loading its weights: for checking prompts before the (slow) model load.
+
+    Raises:
+        ModelNotFoundError: as :func:`load_model`.
+    """
+    from transformers import AutoConfig
+
+    source, _, kwargs = _source(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **kwargs
+        )
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r}: {e}") from e
+    return tokenizer, context_length(config, tokenizer)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+FULL_HASH_BYTES = 256 * 2**20
+"""Weight files up to this size are hashed whole; larger ones by their size and 64 evenly
+spaced 1 MiB blocks (a 70B model's 140 GB would take minutes to read)."""
+
+
+def _hash_file(digest: object, path: Path) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}:".encode())  # type: ignore[attr-defined]
+    with path.open("rb") as f:
+        if size <= FULL_HASH_BYTES or path.suffix not in WEIGHT_SUFFIXES:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)  # type: ignore[attr-defined]
+            return
+        block = 2**20
+        for i in range(64):
+            f.seek((size - block) * i // 63)
+            digest.update(f.read(block))  # type: ignore[attr-defined]
+
+
+def fingerprint(lm: LanguageModel) -> str:
+    """A hash of the model's weights, config and tokenizer, for a run's identity (a resumed
+    run on weights overwritten in place is refused, not merged with the old results).
+
+    A folder: its config, tokenizer and weight files (see :data:`FULL_HASH_BYTES`). A model
+    from a hub cache: its parameters in memory and its tokenizer's vocabulary."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if lm.path is not None:
+        for f in sorted(lm.path.iterdir()):
+            if f.is_file() and (
+                f.suffix in WEIGHT_SUFFIXES
+                or f.name.startswith(("config", "tokenizer", "special_tokens", "vocab", "merges"))
+                or f.suffix == ".model"
+            ):
+                _hash_file(digest, f)
+        return digest.hexdigest()[:16]
+    for name, param in sorted(lm.model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // 65536)  # at most 64k values per tensor
+        sample = flat[::step].float().cpu().numpy().tobytes()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:".encode())
+        digest.update(sample)
+    digest.update(json_bytes(lm.tokenizer.get_vocab()))
+    return digest.hexdigest()[:16]
+
+
+def json_bytes(obj: object) -> bytes:
+    import json
+
+    return json.dumps(obj, sort_keys=True).encode()
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: torch.device | str | None = None,
@@ -115,38 +232,8 @@ def load_model(
             set, or no network) and no cached copy.
     """
     name = str(name_or_path)
-    if not name.strip():
-        raise ValueError("empty model name or path")
     torch_dtype = _resolve_dtype(dtype) or torch.float32
-    path = BUNDLED.get(name)
-    if path is None:
-        candidate = Path(name).expanduser()
-        looks_like_path = (
-            candidate.is_absolute() or name.startswith((".", "~")) or candidate.exists()
-        )
-        if candidate.exists():
-            path = candidate
-        elif looks_like_path or name.count("/") > 1:
-            # A hub id is 'name' or 'owner/name'; anything else can only be a folder.
-            raise ModelNotFoundError(f"no model folder at {candidate}")
-    if path is not None:
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is not a model folder (expected config.json, weights and tokenizer files "
-                "saved with save_pretrained)"
-            )
-        source: str = str(path)
-        kwargs = {"local_files_only": True}
-    else:
-        source = name
-        cached = _hub_cached(name)
-        if not cached and not _hub_offline() and not _hub_reachable():
-            raise ModelNotFoundError(
-                f"could not load {name!r}: not a local folder, not in the hub cache, and the "
-                "hub cannot be reached from this machine. Pass a folder saved with "
-                "save_pretrained, or 'arith-tiny' for the bundled model."
-            )
-        kwargs = {"local_files_only": _hub_offline() or cached}
+    source, path, kwargs = _source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, **kwargs
@@ -180,12 +267,24 @@ def reinitialised(lm: LanguageModel, seed: int = 0) -> LanguageModel:
     """The same architecture, tokenizer, dtype and device with freshly initialised weights
     (``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(seed)``): the model of the
     randomisation sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018).
-    The global RNG is restored afterwards."""
+    The global RNG is restored afterwards.
+
+    Raises:
+        ValueError: the re-initialised weights equal the model's (a model that was itself
+            built from its config with this seed): every method would pass the check.
+    """
     ref = lm.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(ref.config, dtype=ref.dtype)
     model.to(lm.device)
+    mine, theirs = model.state_dict(), ref.state_dict()
+    if mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine):
+        raise ValueError(
+            f"the model re-initialised with seed {seed} has the same weights as {lm.name!r} "
+            "(it was itself initialised from its config with that seed), so the randomisation "
+            "check could not fail; choose another randomization_seed"
+        )
     model.eval()
     model.requires_grad_(False)
     return LanguageModel(

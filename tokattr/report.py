@@ -37,7 +37,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tokattr.evaluation import EvaluationTable, MetricRow
+from tokattr.evaluation import EvaluationTable, MetricRow, format_value
 from tokattr.metrics.ranking import spearman
 from tokattr.plots import COLORBAR_LABEL, COLORMAP, plot_token_heatmap
 
@@ -625,7 +625,8 @@ def _metric_table(run: Run, columns: list[tuple[str, str, bool]], table_id: str)
             else:
                 tds.append(
                     f'<td data-sort="{r.mean!r}" title="n = {r.n}">'
-                    f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]</td>"
+                    f"{format_value(r.mean)} [{format_value(r.ci_low)}, "
+                    f"{format_value(r.ci_high)}]</td>"
                 )
         body.append("<tr>" + "".join(tds) + "</tr>")
     return _table(table_id, head, body)

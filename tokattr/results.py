@@ -8,8 +8,10 @@ Layout of a run's ``out_dir``:
 - ``attributions.jsonl`` — the merged rows, one per (example, method), in data-set order.
 - ``metrics.csv`` — ``method, metric, k, mean, ci_low, ci_high, higher_is_better, n``.
 - ``summary.md`` — the method x metric table.
-- ``run.json`` — what identifies the run (model, data, methods, metrics, …); a resumed run
-  must match it.
+- ``run.json`` — what identifies the run (model and a hash of its weights and tokenizer,
+  data, methods, metrics, …); a resumed run must match it.
+- ``.lock`` — held while a run works on ``out_dir`` (its pid and host): a second run on the
+  same ``out_dir`` is refused; a lock whose process is gone is taken over.
 
 No Lightning here: the runner and plain Python share these functions.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,12 +104,98 @@ def part_files(out_dir: str | Path) -> list[Path]:
 
 
 def read_parts(out_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every complete row written so far, by ``(example_id, method)`` (first one wins)."""
+    """Every complete row written so far, by ``(example_id, method)``: the first one, except
+    that a scored row replaces an error row (one retried with ``--retry_errors``)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for path in part_files(out_dir):
         for row in iter_rows(path):
-            rows.setdefault((str(row["example_id"]), row["method"]), row)
+            key = (str(row["example_id"]), row["method"])
+            old = rows.get(key)
+            if old is None or (old.get("error") and not row.get("error")):
+                rows[key] = row
     return rows
+
+
+class OutDirBusyError(RuntimeError):
+    """Another run holds the ``out_dir``."""
+
+
+class OutDirLock:
+    """``out_dir/.lock`` while a run works there, so that two runs never compute the same
+    pairs: the file is created exclusively (``O_CREAT | O_EXCL``) and holds the owner's pid,
+    host and start time. A lock left by a process that is gone (same host, no such pid: a
+    killed run) is taken over; one held by a live process, or by another host (whose pids
+    cannot be checked), is refused with a message naming it.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / ".lock"
+        self._held = False
+
+    def owner(self) -> dict[str, Any] | None:
+        """The lock file's contents, or ``None`` if it is missing or unreadable."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, owner: dict[str, Any] | None) -> bool:
+        if owner is None:  # being written right now, or left half-written: give it a minute
+            try:
+                return time.time() - self.path.stat().st_mtime > 60
+            except OSError:
+                return True
+        if owner.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def acquire(self) -> None:
+        """Take the lock. Raises :class:`OutDirBusyError` if another live run holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                if self._stale(owner):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = (
+                    f"pid {owner.get('pid')} on {owner.get('host')}, since "
+                    + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+                    if owner
+                    else "a run that is starting"
+                )
+                raise OutDirBusyError(
+                    f"{self.path.parent} is in use by another run ({who}); wait for it to "
+                    f"finish, use another --out_dir, or delete {self.path} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise OutDirBusyError(f"could not take {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            owner = self.owner()
+            if owner is None or owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> OutDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def check_run(out_dir: str | Path, identity: Mapping[str, Any], overwrite: bool) -> None:
@@ -178,6 +268,20 @@ def merge(
     cost = cost_markdown(ordered, methods)
     (out / "summary.md").write_text(table.to_markdown() + "\n\n" + cost + "\n", encoding="utf-8")
     return table
+
+
+def error_summary(rows: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    """A few lines on the error rows (which example, which method, why), or ``""``."""
+    errors = [r for r in rows if r.get("error")]
+    if not errors:
+        return ""
+    lines = [f"{len(errors)} (example, method) pairs have no scores (error rows):"]
+    for r in errors[:limit]:
+        lines.append(f"- {r['example_id']} / {r['method']}: {r['error']}")
+    if len(errors) > limit:
+        lines.append(f"- … and {len(errors) - limit} more (see attributions.jsonl, 'error')")
+    lines.append("A rerun keeps them; add --retry_errors true to compute them again.")
+    return "\n".join(lines)
 
 
 def cost_markdown(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:

@@ -2,8 +2,10 @@
 over processes, each (example, method) pair computed once, results written as produced.
 
 - :class:`PromptDataModule` — the examples (arithmetic generator settings or a JSONL file),
-  minus those already finished in ``out_dir``; ``trainer.predict`` shards them with an
-  unrepeated sampler, so no example is computed twice (``trainer.test`` would repeat some).
+  minus those already finished in ``out_dir``, dealt out to the ranks as whole batches
+  (rank ``r`` of ``N`` takes batches ``r, r + N, …``; a rank may get none), so no example is
+  computed twice whatever the number of ranks and batches left (Lightning's own samplers
+  repeat examples under ``trainer.test`` and refuse a rank with nothing to do).
 - :class:`AttributionModule` — the model; ``predict_step`` runs every method and metric on a
   batch (:func:`tokattr.evaluation.score_batch`) and returns rows.
 - :class:`ResultWriter` — appends each batch's rows to ``out_dir/parts/rank{r}.jsonl``.
@@ -24,10 +26,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from tokattr.attribution import BASELINES, DEFAULT_BATCH_SIZE, build_method
-from tokattr.batching import encode_example
+from tokattr.attribution import BASELINES, DEFAULT_BATCH_SIZE, answer_text, build_method
+from tokattr.batching import encode_example, quote
 from tokattr.data.arithmetic import DEFAULT_MIX, ArithmeticGenerator, read_jsonl
 from tokattr.data.labels import token_roles
 from tokattr.evaluation import score_batch
@@ -105,9 +107,20 @@ class PromptDataModule(pl.LightningDataModule):
             ids = [str(p.id) for p in problems]
             if len(set(ids)) != len(ids):
                 raise ValueError("example ids must be unique in the data set")
+            where = (
+                [f"{self.jsonl}:{p.line}" for p in problems]
+                if self.jsonl is not None
+                else [f"generator problem {i}" for i in range(len(problems))]
+            )
             self._examples = [
-                {"example_id": str(p.id), "prompt": p.prompt, "answer": p.answer, "roles": p.roles}
-                for p in problems
+                {
+                    "example_id": str(p.id),
+                    "prompt": p.prompt,
+                    "answer": p.answer,
+                    "roles": p.roles,
+                    "where": w,
+                }
+                for p, w in zip(problems, where, strict=True)
             ]
         return self._examples
 
@@ -119,11 +132,37 @@ class PromptDataModule(pl.LightningDataModule):
         ex = self.examples()
         return [ex[i : i + self.batch_size] for i in range(0, len(ex), self.batch_size)]
 
+    def todo(self) -> list[list[dict[str, Any]]]:
+        """The batches with something left to do."""
+        return [c for c in self.chunks() if any(e["example_id"] not in self.skip for e in c)]
+
     def predict_dataloader(self) -> DataLoader:
-        # Batches with something left to do; the (distributed, unrepeated) sampler deals out
-        # whole batches.
-        todo = [c for c in self.chunks() if any(e["example_id"] not in self.skip for e in c)]
-        return DataLoader(todo, batch_size=None, shuffle=False, collate_fn=_as_is)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        todo = self.todo()
+        return DataLoader(
+            todo,
+            batch_size=None,
+            sampler=RankShard(todo, world, rank),
+            collate_fn=_as_is,
+        )
+
+
+class RankShard(DistributedSampler):
+    """Rank ``rank`` of ``num_replicas`` takes items ``rank, rank + num_replicas, …``: every
+    item once over all ranks, none repeated, and a rank with nothing left gets no item (where
+    Lightning's unrepeated sampler asserts). A :class:`DistributedSampler`, so Lightning keeps
+    it instead of inserting its own."""
+
+    def __init__(self, dataset: Sequence[Any], num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _as_is(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -170,6 +209,15 @@ class AttributionModule(pl.LightningModule):
         unknown = sorted(set(self.metric_names) - set(METRICS))
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        applicable = [
+            n for n in self.metric_names if set(APPLIES_TO.get(n, self.methods)) & set(self.methods)
+        ]
+        if not applicable:
+            raise ValueError(
+                f"none of the metrics {self.metric_names} applies to the methods "
+                f"{sorted(self.methods)} (e.g. completeness_error is for integrated_gradients "
+                "only): the table would be empty"
+            )
         self.metric_params = dict(metric_params or {})
         for name, params in self.metric_params.items():
             if name not in METRICS:
@@ -195,7 +243,7 @@ class AttributionModule(pl.LightningModule):
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        answers = self._answers(batch)
+        answers, failed = self._answers(batch)
         exact: dict[tuple[str, ...], torch.Tensor] = {}  # shared by the SHAP estimators
         for method, params in self.methods.items():
             missing = {e["example_id"] for e in batch} - {e for e, m in self.done if m == method}
@@ -203,28 +251,46 @@ class AttributionModule(pl.LightningModule):
                 continue
             # The whole batch, so each example keeps its batch-mates (and its numbers); only
             # the rows not on disk yet are written.
-            new = self._score(method, params or {}, batch, answers, exact)
+            new = self._score(method, params or {}, batch, answers, failed, exact)
             rows += [r for r in new if r["example_id"] in missing]
         return rows
 
-    def _answers(self, batch: list[dict[str, Any]]) -> list[str]:
-        missing = [i for i, e in enumerate(batch) if not e.get("answer")]
-        answers = [e.get("answer") or "" for e in batch]
+    def _answers(self, batch: list[dict[str, Any]]) -> tuple[list[Any], dict[int, str]]:
+        """Each example's answer (its own, or the greedy answer's generated token ids) and,
+        for those that cannot be attributed, why: a prompt with no room for an answer in the
+        model's context (checked in tokens, before any generation) or an empty greedy answer."""
+        from tokattr.accuracy import greedy_answer_ids
+
+        tok, limit = self.lm.tokenizer, self.lm.max_length
+        answers: list[Any] = [e.get("answer") or None for e in batch]
+        failed: dict[int, str] = {}
+        ids = tok([e["prompt"] for e in batch], add_special_tokens=True, verbose=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) >= limit:
+                failed[i] = (
+                    f"prompt is {len(row)} tokens, and the model's context of {limit} leaves no "
+                    f"room for an answer: {quote(batch[i]['prompt'])}"
+                )
+        missing = [i for i, a in enumerate(answers) if a is None and i not in failed]
         if missing:
-            from tokattr.accuracy import greedy_answers
+            greedy = greedy_answer_ids(self.lm, [list(ids[i]) for i in missing])
+            for i, g in zip(missing, greedy, strict=True):
+                if g:
+                    answers[i] = g
+                else:
+                    failed[i] = "the model's greedy answer is empty (it stops at once)"
+        return answers, failed
 
-            for i, a in zip(missing, greedy_answers(self.lm, [batch[i]["prompt"] for i in missing]),
-                            strict=True):  # fmt: skip
-                answers[i] = a
-        return answers
-
-    def _score(self, method, params, examples, answers, exact_cache) -> list[dict[str, Any]]:
+    def _score(self, method, params, examples, answers, failed, exact_cache):
         lm = self.lm
         ok, rows = [], []
-        for e, a in zip(examples, answers, strict=True):
+        for i, (e, a) in enumerate(zip(examples, answers, strict=True)):
+            if i in failed:
+                rows.append(self._error_row(e, a, method, failed[i]))
+                continue
             try:
                 enc = encode_example(lm.tokenizer, e["prompt"], a, None, lm.max_length)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:
                 rows.append(self._error_row(e, a, method, err))
                 continue
             if method == "exact_shapley" and _n_features(enc) > params.get(
@@ -241,7 +307,7 @@ class AttributionModule(pl.LightningModule):
             lm,
             [enc for _, _, enc in ok],
             [e["prompt"] for e, _, _ in ok],
-            [a for _, a, _ in ok],
+            [a if isinstance(a, str) else None for _, a, _ in ok],
             [example_seed(e["example_id"]) for e, _, _ in ok],
             method,
             params,
@@ -253,10 +319,14 @@ class AttributionModule(pl.LightningModule):
             random_model=self.random_lm,
             shapley_max_tokens=self.shapley_max_tokens,
             exact=exact_cache.get(key),
+            keep_errors=True,
         )
         if scored.exact is not None:
             exact_cache[key] = scored.exact
-        for j, ((e, a, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
+        for j, ((e, _, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
+            if j in scored.errors:
+                rows.append(self._error_row(e, attr.target, method, scored.errors[j]))
+                continue
             labels = (
                 token_roles(attr.offsets, e["prompt"], e["roles"])
                 if e.get("roles") is not None
@@ -267,7 +337,8 @@ class AttributionModule(pl.LightningModule):
                     "example_id": e["example_id"],
                     "method": method,
                     "prompt": e["prompt"],
-                    "answer": a,
+                    "answer": attr.target,
+                    "answer_ids": attr.answer_ids,
                     "tokens": attr.tokens,
                     "scores": attr.scores.tolist(),
                     "labels": labels,
@@ -280,11 +351,15 @@ class AttributionModule(pl.LightningModule):
         return rows
 
     def _error_row(self, e, answer, method, err) -> dict[str, Any]:
+        """A row with no scores, and the reason (``error``), written like any other row so a
+        rerun keeps it (``--retry_errors`` computes it again)."""
+        text = answer if answer is None or isinstance(answer, str) else answer_text(self.lm, answer)
         return {
             "example_id": e["example_id"],
             "method": method,
             "prompt": e["prompt"],
-            "answer": answer,
+            "answer": text,
+            "answer_ids": None if text is answer else list(answer),
             "tokens": None,
             "scores": None,
             "labels": None,
@@ -339,9 +414,11 @@ class ExamplesPerSecond(TQDMProgressBar):
         self.predict_progress_bar.set_postfix({"examples/s": f"{rate:.2f}"})
 
 
-def done_pairs(out_dir: str | Path) -> set[tuple[str, str]]:
-    """The (example_id, method) pairs already written in ``out_dir``."""
-    return set(read_parts(out_dir))
+def done_pairs(out_dir: str | Path, keep_errors: bool = True) -> set[tuple[str, str]]:
+    """The (example_id, method) pairs already written in ``out_dir``; ``keep_errors=False``
+    leaves out the error rows (to compute them again)."""
+    rows = read_parts(out_dir)
+    return {k for k, r in rows.items() if keep_errors or not r.get("error")}
 
 
 def finished_examples(

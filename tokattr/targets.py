@@ -314,7 +314,21 @@ def _packed_score_columns(
     token_logits = torch.zeros(n_seg * k, dtype=logp.dtype, device=device)
     token_logp[slot] = torch.where(scored, logp, zero)
     token_logits[slot] = torch.where(scored, chosen, zero)
-    return token_logp.view(n_seg, k), token_logits.view(n_seg, k)
+    token_logp, token_logits = token_logp.view(n_seg, k), token_logits.view(n_seg, k)
+    shared = torch.bincount(bin_of_row, minlength=n_bins)[bin_of_row] > 1  # [batch]
+    bad = ~(torch.isfinite(token_logp).all(-1) & torch.isfinite(token_logits).all(-1))  # [S]
+    if bool((bad & shared[seg_row]).any()):
+        # A NaN/inf in one tree reaches the others of its packed sequence (an attention weight
+        # of exactly 0 times NaN is NaN): score every tree alone, so a faulty example does
+        # not take its batch-mates with it.
+        alone = Branches(
+            branches.rows, branches.start, branches.embeds,
+            packing=torch.arange(n_rows, device=device), passes=branches.passes,
+        )  # fmt: skip
+        return _packed_score_columns(
+            model, embeds, attention_mask, position_ids, labels, score_mask, alone
+        )
+    return token_logp, token_logits
 
 
 def prefix_cache(

@@ -15,6 +15,7 @@ optional ``.digits`` with no trailing zeros; never ``$`` or ``,``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -200,9 +201,10 @@ class ArithmeticProblem:
 
     id: str
     prompt: str
-    answer: str
+    answer: str | None  # None: not given (a non-arithmetic prompt read from a file)
     roles: tuple[str, ...] | None
     bucket: str
+    line: int | None = None  # line of the JSONL file it was read from
 
     def __post_init__(self) -> None:
         if self.roles is not None and len(self.roles) != len(self.prompt):
@@ -214,21 +216,24 @@ class ArithmeticProblem:
 def make_problem(id: str, prompt: str, answer: str | None = None, bucket: str = "jsonl"):
     """Build an :class:`ArithmeticProblem`, labelling the prompt and checking the answer.
 
-    ``answer=None`` solves the prompt, which must then be arithmetic. A given answer is kept
-    as it is (it may be a deliberate foil, or the prompt may not be arithmetic at all, in
-    which case ``roles`` is ``None``).
+    ``answer=None`` solves an arithmetic prompt; any other prompt keeps ``answer=None`` (the
+    model's greedy answer is then attributed). A given answer is kept as it is (it may be a
+    deliberate foil, or the prompt may not be arithmetic at all, in which case ``roles`` is
+    ``None``).
     """
+    if not isinstance(prompt, str):
+        raise ValueError(f'"prompt" must be a string, got {type(prompt).__name__}')
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f'"answer" must be a string, got {type(answer).__name__}')
     if not prompt or not prompt.strip():
         raise ValueError(f"{id}: empty prompt")
     try:
         roles: tuple[str, ...] | None = label_prompt(prompt)
     except ValueError:
-        if answer is None:
-            raise
         roles = None
-    if answer is None:
+    if answer is None and roles is not None:
         answer = solve(prompt)
-    if not answer:
+    if answer is not None and not answer:
         raise ValueError(f"{id}: empty answer")
     return ArithmeticProblem(id=id, prompt=prompt, answer=answer, roles=roles, bucket=bucket)
 
@@ -468,14 +473,24 @@ def with_demonstrations(demonstrations: Sequence[str], query: str) -> str:
 def read_jsonl(path: str | Path) -> list[ArithmeticProblem]:
     """Read problems from a JSONL file of ``{"id", "prompt", "answer"}`` objects.
 
-    ``answer`` may be omitted for arithmetic prompts (it is then solved); prompts that are not
-    arithmetic are accepted with an answer and get no roles. Errors name the file and line.
+    ``answer`` may be omitted: an arithmetic prompt is then solved, any other prompt keeps
+    ``answer=None`` (the model's greedy answer is attributed); prompts that are not arithmetic
+    get no roles. Errors name the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}); a JSONL file is one JSON object "
+            "per line"
+        ) from None
     problems, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -490,7 +505,8 @@ def read_jsonl(path: str | Path) -> list[ArithmeticProblem]:
             raise ValueError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
         try:
-            problems.append(make_problem(pid, row["prompt"], row.get("answer")))
+            problem = make_problem(pid, row["prompt"], row.get("answer"))
+            problems.append(dataclasses.replace(problem, line=lineno))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
     if not problems:
