@@ -210,23 +210,35 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_nothing_is_computed_twi
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["rank0.jsonl"]
 
 
-def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock_file = tmp_path / ".lock"
-    lock_file.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0}))
-    with OutDirLock(tmp_path):
-        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
-    assert not lock_file.exists()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+HOLD = """
+import sys, time
+from tokattr.results import OutDirLock
+lock = OutDirLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_the_lock_is_refused_while_held_and_free_once_its_process_is_killed(tmp_path):
+    holder = _holder(tmp_path)
     try:
-        lock_file.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
-        with pytest.raises(OutDirBusyError, match=f"pid {alive.pid}"), OutDirLock(tmp_path):
-            pass
-        assert lock_file.exists()  # not ours to remove
+        with pytest.raises(OutDirBusyError, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            OutDirLock(tmp_path).acquire()
     finally:
-        alive.kill()
-        alive.wait()
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait()
+        holder.stdout.close()
+    with OutDirLock(tmp_path) as lock:
+        assert lock.owner()["pid"] == os.getpid()
+    assert OutDirLock(tmp_path).owner() is None  # released: nobody named in it
 
 
 def test_a_prompt_longer_than_the_context_fails_in_one_line_before_any_generation(monkeypatch):
@@ -266,7 +278,34 @@ def test_bench_checks_data_and_lengths_before_the_model_loads(tmp_path, monkeypa
     binary.write_bytes(b'{"id": "a", "prompt": "1+2="}\n\xff\xfe\x00\x81')
     assert main(_args("arith-tiny", binary, tmp_path / "out")) == 1
     assert f"{binary}:2: not UTF-8 text" in capsys.readouterr().err
-    assert not (tmp_path / "out" / ".lock").exists()
+    assert not (tmp_path / "out").exists()  # refused before the out_dir lock was taken
+
+
+def test_refusals_of_odd_inputs_stay_short():
+    lm = tiny_lm("llama")
+    with pytest.raises(TypeError) as err:
+        attribute(lm, [list(range(3000))], "saliency")  # type: ignore[list-item]
+    assert len(str(err.value)) < 150
+    with pytest.raises(ValueError, match="token id 9999 is outside the vocabulary"):
+        attribute(lm, "1+1=", "saliency", target=[9999])
+    from tokattr.evaluation import evaluate
+
+    with pytest.raises(TypeError, match="got BatchEncoding"):
+        evaluate(lm, lm.tokenizer(["1=", "2="]), methods=["random"], progress=False)
+
+
+def test_a_long_prompt_does_not_cut_its_batch_mates_answers_short():
+    from tokattr.accuracy import greedy_answer_ids
+
+    lm = tiny_bpe_lm("gpt2")  # 256-token context
+    short = "The capital of France is"
+    near_full = "The capital of France is Paris. " * 28  # a few tokens short of 256
+    n = len(lm.tokenizer(near_full)["input_ids"])
+    assert 256 - 12 < n < 256
+    alone = greedy_answer_ids(lm, [short], max_new_tokens=12)
+    together = greedy_answer_ids(lm, [short, near_full], max_new_tokens=12)
+    assert len(alone[0]) > 256 - n  # longer than the long prompt leaves room for
+    assert together[0] == alone[0] and len(together[1]) <= 256 - n
 
 
 def test_a_jsonl_without_answers_keeps_them_unset_for_other_prompts(tmp_path):

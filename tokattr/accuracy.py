@@ -97,31 +97,48 @@ def greedy_answer_ids(
         raise ValueError("give prompts as texts or as token ids, not both")
     rows = prompt_token_ids(lm, prompts) if texts else [list(p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
-    out: list[list[int]] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        width = max(len(r) for r in chunk)
-        room = min(limit, lm.max_length - width)
-        if room < 1:
-            raise ValueError(
-                f"a prompt of {width} tokens leaves no room for an answer in the model's "
-                f"context of {lm.max_length}"
-            )
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=lm.device)
-        mask = torch.tensor(
-            [[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=lm.device
+    # Each prompt may generate up to `limit` tokens or to the end of the context, whichever
+    # comes first: prompts are batched with others of the same room, so a long prompt never
+    # cuts its batch-mates' answers short.
+    room_of = [min(limit, lm.max_length - len(r)) for r in rows]
+    if min(room_of) < 1:
+        i = room_of.index(min(room_of))
+        raise ValueError(
+            f"a prompt of {len(rows[i])} tokens leaves no room for an answer in the model's "
+            f"context of {lm.max_length}"
         )
-        gen = lm.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=room,
-            do_sample=False,
-            eos_token_id=stops or None,
-            pad_token_id=pad,
-        )  # [batch, width + new]
-        for row in gen[:, width:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-            out.append(row[:cut])
+    groups: dict[int, list[int]] = {}
+    for i, room in enumerate(room_of):
+        groups.setdefault(room, []).append(i)
+    answers: dict[int, list[int]] = {}
+    for room, members in groups.items():
+        for c in range(0, len(members), batch_size):
+            part = members[c : c + batch_size]
+            for i, ids in zip(part, _generate(lm, [rows[i] for i in part], room, stops, pad),
+                              strict=True):  # fmt: skip
+                answers[i] = ids
+    return [answers[i] for i in range(len(rows))]
+
+
+def _generate(
+    lm: LanguageModel, chunk: list[list[int]], room: int, stops: list[int], pad: int
+) -> list[list[int]]:
+    """One left-padded ``generate`` call over ``chunk``: each row's new ids to its first stop."""
+    width = max(len(r) for r in chunk)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=lm.device)
+    gen = lm.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=room,
+        do_sample=False,
+        eos_token_id=stops or None,
+        pad_token_id=pad,
+    )  # [batch, width + new]
+    out = []
+    for row in gen[:, width:].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:cut])
     return out
 
 

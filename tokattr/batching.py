@@ -31,7 +31,10 @@ QUOTE_CHARS = 80
 def quote(text: object, limit: int = QUOTE_CHARS) -> str:
     """``repr(text)``, or for a longer string its start and end around ``…`` and its length,
     so that an error about a 5,000-character prompt stays one short line."""
-    if not isinstance(text, str) or len(text) <= limit:
+    if not isinstance(text, str):
+        shown = repr(text)
+        return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    if len(text) <= limit:
         return repr(text)
     half = limit // 2
     return f"{text[:half]!r}…{text[-half:]!r} ({len(text):,} characters)"
@@ -44,6 +47,8 @@ Answer = str | Sequence[int]
 def is_token_ids(value: object) -> bool:
     """Whether ``value`` is a sequence of token ids (ints), not a string or a list of strings."""
     if isinstance(value, str | bytes) or not isinstance(value, Sequence | Tensor):
+        return False
+    if isinstance(value, Tensor) and value.dim() != 1:
         return False
     items = value.tolist() if isinstance(value, Tensor) else list(value)
     return bool(items) and all(isinstance(i, int) and not isinstance(i, bool) for i in items)
@@ -146,7 +151,7 @@ def encode_example(
         return _encode(tokenizer, prompt, answer, foil, max_length, tokenize, specials)
     except NotAPrefixError:
         stripped = prompt.rstrip()
-        if stripped == prompt or not stripped or is_token_ids(answer):
+        if stripped == prompt or not stripped or is_token_ids(answer) or is_token_ids(foil):
             raise
         tail = prompt[len(stripped) :]
         return _encode(
@@ -260,6 +265,12 @@ def _encode(
     def continuation(text: Answer, what: str) -> list[int]:
         if is_token_ids(text):
             rest = [int(i) for i in (text.tolist() if isinstance(text, Tensor) else text)]
+            bad = [i for i in rest if not 0 <= i < len(tokenizer)]
+            if bad:
+                raise ValueError(
+                    f"the {what}'s token id {bad[0]} is outside the vocabulary (0 to "
+                    f"{len(tokenizer) - 1})"
+                )
             full = prompt_ids + rest
         else:
             if not isinstance(text, str):

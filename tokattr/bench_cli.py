@@ -126,12 +126,8 @@ class BenchCLI(LightningCLI):
         self._cheap_checks(cfg)
 
     def _cheap_checks(self, cfg: Any) -> None:
-        """Before the model loads: take the ``out_dir`` lock (rank zero), read the data, and
-        check every prompt's length in tokens with the tokenizer alone."""
-        if _is_rank_zero():
-            lock = OutDirLock(cfg.out_dir)
-            lock.acquire()
-            self.state["lock"] = lock
+        """Before the model loads: read the data, check every prompt's length in tokens with
+        the tokenizer alone, then take the ``out_dir`` lock (rank zero)."""
         data = cfg.data.as_dict()
         data.pop("__path__", None)
         examples = PromptDataModule(**data).examples()
@@ -149,6 +145,10 @@ class BenchCLI(LightningCLI):
                     f"model's context of {limit} leaves no room for an answer: "
                     f"{quote(e['prompt'])}"
                 )
+        if _is_rank_zero():
+            lock = OutDirLock(cfg.out_dir)
+            lock.acquire()
+            self.state["lock"] = lock
 
 
 def _check_devices(trainer_cfg: Any) -> None:
@@ -168,9 +168,14 @@ def _check_devices(trainer_cfg: Any) -> None:
         )
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+"""Where launchers put a process's rank (torchrun / Lightning, SLURM's srun, LSF's jsrun)."""
+
+
 def _is_rank_zero() -> bool:
-    """True in the process the user started (before Lightning launches the others)."""
-    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """True in the process the user started (before Lightning launches the others), and in
+    task 0 of a cluster launcher."""
+    return all(int(os.environ.get(k, 0) or 0) == 0 for k in RANK_VARIABLES)
 
 
 def make_cli(argv: list[str], state: dict[str, Any] | None = None) -> BenchCLI:

@@ -296,6 +296,11 @@ def evaluate(
     names = _metric_names(metrics, metric_params)
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+    if isinstance(prompts, Mapping):
+        raise TypeError(
+            f"prompts must be a string or a list of strings, got {type(prompts).__name__} "
+            "(a tokenizer's output?): pass the text"
+        )
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("no prompts given")

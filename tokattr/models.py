@@ -182,7 +182,8 @@ def fingerprint(lm: LanguageModel) -> str:
     """A hash of the model's weights, config and tokenizer, for a run's identity (a resumed
     run on weights overwritten in place is refused, not merged with the old results).
 
-    A folder: its config, tokenizer and weight files (see :data:`FULL_HASH_BYTES`). A model
+    A folder: its config, generation config (greedy answers' stops), tokenizer and weight
+    files (see :data:`FULL_HASH_BYTES`). A model
     from a hub cache: its parameters in memory and its tokenizer's vocabulary."""
     import hashlib
 
@@ -191,7 +192,18 @@ def fingerprint(lm: LanguageModel) -> str:
         for f in sorted(lm.path.iterdir()):
             if f.is_file() and (
                 f.suffix in WEIGHT_SUFFIXES
-                or f.name.startswith(("config", "tokenizer", "special_tokens", "vocab", "merges"))
+                or f.name.startswith(
+                    (
+                        "config",
+                        "generation_config",
+                        "tokenizer",
+                        "special_tokens",
+                        "added_tokens",
+                        "vocab",
+                        "merges",
+                        "chat_template",
+                    )
+                )
                 or f.suffix == ".model"
             ):
                 _hash_file(digest, f)

@@ -10,8 +10,8 @@ Layout of a run's ``out_dir``:
 - ``summary.md`` — the method x metric table.
 - ``run.json`` — what identifies the run (model and a hash of its weights and tokenizer,
   data, methods, metrics, …); a resumed run must match it.
-- ``.lock`` — held while a run works on ``out_dir`` (its pid and host): a second run on the
-  same ``out_dir`` is refused; a lock whose process is gone is taken over.
+- ``.lock`` — locked (``flock``) while a run works on ``out_dir``, with its pid and host: a
+  second run on the same ``out_dir`` is refused; a killed run's lock is gone with it.
 
 No Lightning here: the runner and plain Python share these functions.
 """
@@ -121,74 +121,61 @@ class OutDirBusyError(RuntimeError):
 
 
 class OutDirLock:
-    """``out_dir/.lock`` while a run works there, so that two runs never compute the same
-    pairs: the file is created exclusively (``O_CREAT | O_EXCL``) and holds the owner's pid,
-    host and start time. A lock left by a process that is gone (same host, no such pid: a
-    killed run) is taken over; one held by a live process, or by another host (whose pids
-    cannot be checked), is refused with a message naming it.
+    """``out_dir/.lock`` held while a run works there, so that two runs never compute the
+    same pairs: an exclusive ``flock`` on the file (released by the kernel when the process
+    ends, however it ends: a killed run leaves no stale lock), and the owner's pid, host and
+    start time written in it for the message a second run gets. The file stays (removing a
+    file others may be opening would let two runs hold two different files).
     """
 
     def __init__(self, out_dir: str | Path) -> None:
         self.path = Path(out_dir) / ".lock"
-        self._held = False
+        self._file: Any = None
 
     def owner(self) -> dict[str, Any] | None:
-        """The lock file's contents, or ``None`` if it is missing or unreadable."""
+        """Who holds (or last held) the lock, or ``None`` if nobody wrote it."""
         try:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
 
-    def _stale(self, owner: dict[str, Any] | None) -> bool:
-        if owner is None:  # being written right now, or left half-written: give it a minute
-            try:
-                return time.time() - self.path.stat().st_mtime > 60
-            except OSError:
-                return True
-        if owner.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-        return False
-
     def acquire(self) -> None:
         """Take the lock. Raises :class:`OutDirBusyError` if another live run holds it."""
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if self._stale(owner):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                who = (
-                    f"pid {owner.get('pid')} on {owner.get('host')}, since "
-                    + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
-                    if owner
-                    else "a run that is starting"
-                )
-                raise OutDirBusyError(
-                    f"{self.path.parent} is in use by another run ({who}); wait for it to "
-                    f"finish, use another --out_dir, or delete {self.path} if that run is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._held = True
-            return
-        raise OutDirBusyError(f"could not take {self.path}")
+        f = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            owner = self.owner()
+            who = (
+                f"pid {owner.get('pid')} on {owner.get('host')}, since "
+                + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+                if owner
+                else "a run that is starting"
+            )
+            raise OutDirBusyError(
+                f"{self.path.parent} is in use by another run ({who}); wait for it to finish "
+                "or use another --out_dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+        f.flush()
+        self._file = f
 
     def release(self) -> None:
-        if self._held:
-            owner = self.owner()
-            if owner is None or owner.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self._held = False
+        if self._file is not None:
+            import fcntl
+
+            self._file.seek(0)
+            self._file.truncate()  # nobody holds it now
+            self._file.flush()
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> OutDirLock:
         self.acquire()

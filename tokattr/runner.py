@@ -323,9 +323,9 @@ class AttributionModule(pl.LightningModule):
         )
         if scored.exact is not None:
             exact_cache[key] = scored.exact
-        for j, ((e, _, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
+        for j, ((e, a, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
             if j in scored.errors:
-                rows.append(self._error_row(e, attr.target, method, scored.errors[j]))
+                rows.append(self._error_row(e, a, method, scored.errors[j]))
                 continue
             labels = (
                 token_roles(attr.offsets, e["prompt"], e["roles"])
