@@ -12,9 +12,9 @@ import pytest
 import torch
 from _tiny import ARCHS, tiny_lm
 
-from tokattr.attribute_cli import attribute_command
 from tokattr.attribution import Attribution, attribute
 from tokattr.batching import collate, encode_example
+from tokattr.cli.attribute import attribute_command
 from tokattr.methods import METHODS
 from tokattr.targets import log_prob
 
@@ -534,7 +534,7 @@ def test_attribute_command_help_documents_every_argument():
 
 def test_core_modules_import_no_lightning_or_wandb():
     code = (
-        "import sys, tokattr.attribution, tokattr.attribute_cli, tokattr.methods, "
+        "import sys, tokattr.attribution, tokattr.cli.attribute, tokattr.methods, "
         "tokattr.targets, tokattr.batching, tokattr.accuracy; "
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'wandb') if m in sys.modules]; "
         "assert not bad, bad"

@@ -22,9 +22,9 @@ from tokattr.attribution import attribute
 from tokattr.cli import main
 from tokattr.data.arithmetic import read_jsonl
 from tokattr.evaluation import MetricRow, _cell
+from tokattr.lightning.runner import AttributionModule, PromptDataModule, RankShard
 from tokattr.models import reinitialised
 from tokattr.results import OutDirBusyError, OutDirLock, read_parts
-from tokattr.runner import AttributionModule, PromptDataModule, RankShard
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKATTR = [sys.executable, "-m", "tokattr.cli"]
@@ -257,12 +257,12 @@ def test_a_prompt_longer_than_the_context_fails_in_one_line_before_any_generatio
 
 
 def test_bench_checks_data_and_lengths_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import tokattr.runner
+    import tokattr.lightning.runner
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(tokattr.runner, "load_model", no_load)
+    monkeypatch.setattr(tokattr.lightning.runner, "load_model", no_load)
     rows = [{"id": "a", "prompt": "1+2=", "answer": "3"},
             {"id": "b", "prompt": "1+" * 300 + "1=", "answer": "301"}]  # fmt: skip
     long = _jsonl(tmp_path / "long.jsonl", rows)

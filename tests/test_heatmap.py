@@ -16,8 +16,8 @@ from matplotlib.image import imread
 import tokattr
 from tokattr.accuracy import greedy_answers
 from tokattr.cli import main
+from tokattr.cli.heatmap import spread_list_options
 from tokattr.data.arithmetic import with_demonstrations
-from tokattr.heatmap_cli import spread_list_options
 from tokattr.plots import (
     COLORBAR_LABEL,
     heatmap_matrix,
@@ -200,7 +200,7 @@ def test_help_lists_heatmap(capsys):
 def test_heatmap_modules_import_no_lightning_or_wandb():
     code = (
         "import sys, tokattr; assert 'tokattr.plots' not in sys.modules; "
-        "import tokattr.plots, tokattr.heatmap_cli; "
+        "import tokattr.plots, tokattr.cli.heatmap; "
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'wandb') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -10,7 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokattr.data.tokenizer import build_tokenizer
-from tokattr.train import IGNORE, ArithDataModule, ArithLM, Chain, ChainStream, encode_chain, export
+from tokattr.lightning.train import (
+    IGNORE,
+    ArithDataModule,
+    ArithLM,
+    Chain,
+    ChainStream,
+    encode_chain,
+    export,
+)
 
 
 def test_chain_labels_cover_answers_and_terminators():

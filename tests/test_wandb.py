@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tokattr.cli import main
-from tokattr.wandb_log import SUMMARY_COLUMNS, TOKEN_COLUMNS
+from tokattr.lightning.wandb_log import SUMMARY_COLUMNS, TOKEN_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).parent / "wandb")
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_the_logger_raises_no_deprecation_warning(tmp_path, capfd, recwarn):
     """W&B's offline run starts with no deprecation warning of the arguments we (or Lightning,
     for us) pass it: none printed by wandb, none raised."""
-    from tokattr.wandb_log import make_logger
+    from tokattr.lightning.wandb_log import make_logger
 
     logger = make_logger(tmp_path, "tokattr-test")
     try:

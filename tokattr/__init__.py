@@ -1,7 +1,7 @@
 """tokattr: a benchmark suite for token attribution on causal language models.
 
 The core (this package's top level) needs no Lightning and no W&B: ``import tokattr``
-imports neither. The Lightning layer (``tokattr.train``, the runner) and the CLI do.
+imports neither. The Lightning layer (``tokattr.lightning.train``, the runner) and the CLI do.
 """
 
 from tokattr.allocator import keep_freed_memory

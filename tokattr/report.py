@@ -56,7 +56,7 @@ class Run:
     """A finished benchmark run, as read from its ``out_dir``.
 
     ``rows`` are the rows of ``attributions.jsonl`` (one per (example, method), see
-    :mod:`tokattr.runner`); ``metrics`` the rows of ``metrics.csv``; ``methods`` and
+    :mod:`tokattr.lightning.runner`); ``metrics`` the rows of ``metrics.csv``; ``methods`` and
     ``example_ids`` in the order of the run; ``info`` the parsed ``run.json`` and
     ``config`` / ``config_text`` the ``config.yaml`` of the command, when present.
     """

@@ -2,15 +2,16 @@
 
     tokattr bench --config configs/bench/arith.yaml [--trainer.devices 2 ...] [--out_dir DIR]
 
-LightningCLI over :class:`~tokattr.runner.AttributionModule` and
-:class:`~tokattr.runner.PromptDataModule`: every ``--trainer.*`` flag (accelerator, devices,
-strategy, precision, num_nodes, …), ``--model.*``, ``--data.*``, plus ``--out_dir``,
+LightningCLI over :class:`~tokattr.lightning.runner.AttributionModule` and
+:class:`~tokattr.lightning.runner.PromptDataModule`: every ``--trainer.*`` flag
+(accelerator, devices, strategy, precision, num_nodes, …), ``--model.*``, ``--data.*``, plus
+``--out_dir``,
 ``--max_examples``, ``--methods``, ``--overwrite`` and ``--retry_errors``. Results are
 written as they are produced; the same command on the same ``out_dir`` resumes a killed run.
 
-Cheap checks come first, before the model loads: the config, the ``out_dir`` lock (one run
-per ``out_dir``), the data file, and every prompt's length in tokens (with the tokenizer
-alone), each error naming its file and line.
+Cheap checks come first, before the model loads: the config, the data file, every prompt's
+length in tokens (with the tokenizer alone), each error naming its file and line, then the
+``out_dir`` lock (one run per ``out_dir``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from tokattr.lightning.runner import (
+    AttributionModule,
+    ExamplesPerSecond,
+    PromptDataModule,
+    ResultWriter,
+    done_pairs,
+    finished_examples,
+)
 from tokattr.methods import METHODS
 from tokattr.results import (
     OutDirLock,
@@ -35,14 +44,6 @@ from tokattr.results import (
     error_summary,
     iter_rows,
     merge,
-)
-from tokattr.runner import (
-    AttributionModule,
-    ExamplesPerSecond,
-    PromptDataModule,
-    ResultWriter,
-    done_pairs,
-    finished_examples,
 )
 
 
@@ -309,8 +310,8 @@ def _report_and_log(cli: BenchCLI, out_dir: Path) -> None:
     if cfg.wandb:
         import json
 
+        from tokattr.lightning.wandb_log import log_run, make_logger
         from tokattr.report import load_run
-        from tokattr.wandb_log import log_run, make_logger
 
         logger = make_logger(out_dir, cfg.wandb_project, cfg.wandb_online)
         config = json.loads(cli.parser.dump(cfg, format="json", skip_none=False))

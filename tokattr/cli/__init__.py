@@ -1,4 +1,7 @@
-"""The ``tokattr`` command: one entry point, one sub-command per job.
+"""The ``tokattr`` command: one entry point, one sub-command per job, one module per
+command in this folder (``attribute``, ``bench``, ``heatmap``, ``eval_model``; ``train``'s
+LightningCLI lives with its module in :mod:`tokattr.lightning.train`), listed in
+:data:`COMMANDS`.
 
 Every sub-command parses its own options (LightningCLI / jsonargparse), so each one has
 ``--help``, ``--config FILE.yaml`` and ``--print_config``.
@@ -10,73 +13,27 @@ import os
 import sys
 from collections.abc import Callable
 
-from rich.console import Console
-from rich.table import Table
 
+def _eval_model(argv: list[str]) -> int:
+    from tokattr.cli.eval_model import eval_model
 
-def eval_model(
-    model: str = "arith-tiny",
-    n_per_bucket: int = 500,
-    seed: int = 2026,
-    buckets: list[str] | None = None,
-    batch_size: int = 256,
-    device: str | None = None,
-) -> None:
-    """Greedy exact-match accuracy per arithmetic bucket, on fresh problems.
-
-    Args:
-        model: "arith-tiny", a local model folder, or a hub id.
-        n_per_bucket: problems per bucket.
-        seed: generator seed of the problems; refused if the model was trained on it.
-        buckets: which buckets (default: all, plus "demonstrations").
-        batch_size: prompts per generate call.
-        device: "cpu", "cuda", "cuda:1", ... (default: CPU).
-    """
-    import json
-
-    from tokattr.accuracy import bucket_accuracy
-    from tokattr.models import load_model
-
-    if n_per_bucket < 1:
-        raise ValueError(f"n_per_bucket must be >= 1, got {n_per_bucket}")
-    lm = load_model(model, device=device)
-    record = lm.path / "training.json" if lm.path else None
-    if record and record.is_file():
-        stages = json.loads(record.read_text()).get("stages", [])
-        if seed in {st["data"]["seed"] for st in stages} | {
-            st["data"]["val_seed"] for st in stages
-        }:
-            raise ValueError(
-                f"seed {seed} is the seed {model} was trained on; pick another for fresh problems"
-            )
-    rows = bucket_accuracy(lm, n_per_bucket, seed, buckets, batch_size)
-    table = Table(title=f"{model}: greedy exact match (seed {seed})")
-    for col in ("bucket", "correct", "total", "accuracy", "a wrong answer"):
-        table.add_column(col, justify="left" if col in ("bucket", "a wrong answer") else "right")
-    for r in rows:
-        wrong = (
-            f"{r.examples_wrong[0][0]} {r.examples_wrong[0][2]!r} (want {r.examples_wrong[0][1]})"
-            if r.examples_wrong
-            else ""
-        )
-        table.add_row(r.bucket, str(r.correct), str(r.total), f"{r.accuracy:.1%}", wrong)
-    Console().print(table)
+    return _function_command(eval_model)(argv)
 
 
 def _attribute(argv: list[str]) -> int:
-    from tokattr.attribute_cli import attribute_command
+    from tokattr.cli.attribute import attribute_command
 
     return _function_command(attribute_command)(argv)
 
 
 def _heatmap(argv: list[str]) -> int:
-    from tokattr.heatmap_cli import heatmap_command, spread_list_options
+    from tokattr.cli.heatmap import heatmap_command, spread_list_options
 
     return _function_command(heatmap_command)(spread_list_options(argv))
 
 
 def _bench(argv: list[str]) -> int:
-    from tokattr.bench_cli import run_bench
+    from tokattr.cli.bench import run_bench
     from tokattr.results import OutDirBusyError
 
     try:
@@ -87,7 +44,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from tokattr.train import run_training
+    from tokattr.lightning.train import run_training
 
     return run_training(argv)
 
@@ -117,7 +74,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         "train the arithmetic reference model (LightningCLI: fit, export, model card)",
     ),
     "eval-model": (
-        _function_command(eval_model),
+        _eval_model,
         "greedy exact-match accuracy per arithmetic bucket",
     ),
 }
@@ -159,7 +116,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"tokattr {name}: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
