@@ -4,7 +4,7 @@ Run it from the repository root (``testpaths`` is ``tests``, so a plain ``pytest
 collects it)::
 
     pytest bench/ --benchmark-only                        # quick scale on CPU, full on CUDA
-    pytest bench/ --benchmark-only --bench-scale full     # the settings everywhere
+    pytest bench/ --benchmark-only --bench-scale full     # the standard settings everywhere
     pytest bench/ --benchmark-only -k "arith and occlusion"
     bash scripts/bench.sh [pytest args]                   # set up the venv, then the above
 
@@ -49,10 +49,10 @@ and, when ``tokattr.attribute`` takes ``memory_budget``, with the budget; the pe
 recorded against the budget.
 
 Scale (``--bench-scale`` or ``$TOKATTR_BENCH_SCALE``): ``quick`` (default without CUDA)
-keeps the bundled model at the issue's settings and runs ``llama-100m`` on a few prompts with
+keeps the bundled model at the standard settings and runs ``llama-100m`` on a few prompts with
 fewer samples / steps at long lengths; peers whose estimated time exceeds the peer budget
 (``--bench-peer-budget``, 120 s in quick mode) run on fewer prompts or are skipped. ``full``
-(default on CUDA) runs the issue's settings. Everything run or skipped, and why, is recorded.
+(default on CUDA) runs the standard settings. Everything run or skipped, and why, is recorded.
 Other options: ``--bench-dtype fp32|bf16``, ``--bench-name``, ``--bench-peers``,
 ``--bench-batch-size``, ``--bench-fresh``, ``--bench-memory-budget`` (see ``conftest.py``).
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import tokattr
 from tokattr.allocator import malloc_env
 from tokattr.attribution import method_parameters
 from tokattr.batching import TokenBatch, collate, encode_example
@@ -37,22 +36,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 INSEQ_PYTHON = Path(
-    os.environ.get("TOKATTR_BENCH_INSEQ_PYTHON")
-    or next(
-        (
-            str(p)
-            for p in (REPO / ".venv-inseq/bin/python", Path("/work/inseq-venv/bin/python"))
-            if p.exists()
-        ),
-        str(REPO / ".venv-inseq/bin/python"),
-    )
+    os.environ.get("TOKATTR_BENCH_INSEQ_PYTHON") or REPO / ".venv-inseq" / "bin" / "python"
 )
 SEED = 0
 """The seed of every random method (tokattr's ``seed=``; Captum: ``torch.manual_seed``)."""
 
 # ---------------------------------------------------------------------------- settings
 
-ISSUE_PARAMS: dict[str, dict[str, Any]] = {
+BENCH_PARAMS: dict[str, dict[str, Any]] = {
     "occlusion": {},
     "shapley_sampling": {"n_samples": 25},
     "kernel_shap": {"n_samples": 200},
@@ -61,7 +52,7 @@ ISSUE_PARAMS: dict[str, dict[str, Any]] = {
     "input_x_gradient": {},
     "exact_shapley": {},
 }
-"""Method -> the issue's hyper-parameters (occlusion: window 1). ``random`` is not timed: it
+"""Method -> the benchmark's hyper-parameters (occlusion: window 1). ``random`` is not timed: it
 puts nothing through the model."""
 
 GRADIENT_METHODS = frozenset({"integrated_gradients", "saliency", "input_x_gradient"})
@@ -110,7 +101,7 @@ QUICK_LLAMA_PARAMS: dict[int, dict[str, dict[str, Any] | None]] = {
         "integrated_gradients": {"n_steps": 8},
     },
 }
-"""Quick scale, ``llama-100m``: overrides of the issue's settings per prompt length (``None``
+"""Quick scale, ``llama-100m``: overrides of the standard settings per prompt length (``None``
 would skip the method). 2 cores cost ~0.1-1 s per 64-256-token sequence of this model."""
 QUICK_LLAMA_PROMPTS = {16: 2, 64: 2, 256: 1}
 FULL_LLAMA_PROMPTS = 32
@@ -144,7 +135,7 @@ class BenchConfig:
 
     def method_params(self, model: str, prompt_set: str, method: str) -> dict[str, Any] | None:
         """The method's hyper-parameters for this case (``None``: not run at this scale)."""
-        params = dict(ISSUE_PARAMS[method])
+        params = dict(BENCH_PARAMS[method])
         if model == "llama-100m" and self.scale == "quick":
             override = QUICK_LLAMA_PARAMS.get(set_length(prompt_set), {})
             if method in override:
@@ -224,19 +215,12 @@ def prompt_sets(model: str) -> tuple[str, ...]:
 
 def model_methods(model: str) -> tuple[str, ...]:
     """The methods timed on a model (exact Shapley only on the bundled model's short prompts)."""
-    return tuple(m for m in ISSUE_PARAMS if model == "arith-tiny" or m != "exact_shapley")
+    return tuple(m for m in BENCH_PARAMS if model == "arith-tiny" or m != "exact_shapley")
 
 
 def prefix_reuse_supported() -> bool:
     """Whether tokattr's occlusion takes ``prefix_reuse``."""
     return "prefix_reuse" in method_parameters("occlusion")
-
-
-def memory_budget_supported() -> bool:
-    """Whether ``tokattr.attribute`` takes ``memory_budget``."""
-    import inspect
-
-    return "memory_budget" in inspect.signature(tokattr.attribute).parameters
 
 
 def implementations(method: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ Reads one JSON request on stdin::
 
 loads the model folder, records the memory after loading, runs ``tokattr.attribute(lm,
 prompt, "integrated_gradients", target=answer, n_steps=..., batch_size=...)`` (passing
-``memory_budget=`` only when ``tokattr.attribute`` takes it and the request gives one), and
+``memory_budget=`` when the request gives one), and
 prints one JSON line with the peak memory above the loaded model: CUDA
 ``max_memory_allocated`` or, on CPU, the peak RSS (``ru_maxrss``, KiB on Linux) minus the RSS
 after loading (the peak is reset after loading through ``/proc/self/clear_refs`` where
@@ -16,7 +16,6 @@ Linux allows it).
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import resource
@@ -65,8 +64,7 @@ def main() -> dict[str, Any]:
     lm = LanguageModel(model=model, tokenizer=tok, name="llama-100m", path=None)
 
     kwargs: dict[str, Any] = {"n_steps": int(req["n_steps"]), "batch_size": req["batch_size"]}
-    takes_budget = "memory_budget" in inspect.signature(tokattr.attribute).parameters
-    used_budget = takes_budget and req.get("memory_budget") is not None
+    used_budget = req.get("memory_budget") is not None
     if used_budget:
         kwargs["memory_budget"] = int(req["memory_budget"])
     reset = False
@@ -102,7 +100,6 @@ def main() -> dict[str, Any]:
         "prompt_tokens": n_tokens,
         "model_evals": out.model_evals,
         "delta": out.delta,
-        "takes_memory_budget": takes_budget,
         "used_memory_budget_arg": used_budget,
     }
 

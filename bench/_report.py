@@ -17,7 +17,7 @@ import torch
 import tokattr
 from bench._harness import (
     ARITH_SET,
-    ISSUE_PARAMS,
+    BENCH_PARAMS,
     MEMORY_LENGTH,
     MODELS,
     QUICK_LLAMA_PARAMS,
@@ -25,7 +25,6 @@ from bench._harness import (
     RESULTS_DIR,
     SEED,
     BenchConfig,
-    memory_budget_supported,
     prefix_reuse_supported,
     set_length,
 )
@@ -138,7 +137,7 @@ class Store:
         memory.update(self.memory)
         floors = {**old.get("floors", {}), **self.floors}
         models = {**old.get("models", {}), **self.models}
-        order = {m: i for i, m in enumerate(ISSUE_PARAMS)}
+        order = {m: i for i, m in enumerate(BENCH_PARAMS)}
         impl_order = ["tokattr", "tokattr-full_sequences", "captum", "inseq"]
 
         def sort_key(k: tuple[str, str, str, str]) -> tuple[Any, ...]:
@@ -163,10 +162,9 @@ class Store:
                 "peer_budget_s": c.peer_budget_s,
                 "memory_budget_bytes": c.memory_budget_bytes,
                 "seed": SEED,
-                "issue_params": ISSUE_PARAMS,
+                "bench_params": BENCH_PARAMS,
                 "quick_llama_params": {str(k): v for k, v in QUICK_LLAMA_PARAMS.items()},
                 "prefix_reuse_supported": prefix_reuse_supported(),
-                "memory_budget_supported": memory_budget_supported(),
                 "not_timed": {"random": "puts nothing through the model"},
                 "notes": NOTES,
             },
@@ -225,7 +223,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """One performance target of the issue, checked (never asserted) on the results."""
+    """One performance target, checked (never asserted) on the results."""
 
     label: str
     model: str
@@ -249,7 +247,7 @@ TARGETS: tuple[Target, ...] = (
             "<=",
             1.2 if m == "integrated_gradients" else 1.3,
         )
-        for m in ISSUE_PARAMS
+        for m in BENCH_PARAMS
     ),
     Target(
         "occlusion >= 8x Captum",
@@ -406,7 +404,7 @@ UNRECORDED_ALLOCATOR = "glibc's defaults (rows from before the allocator was rec
 
 def allocator_line(result: dict[str, Any]) -> str:
     """Which memory allocator settings the rows (and memory cases) ran with
-    (:func:`tokattr.keep_freed_memory`)."""
+    (:func:`tokattr.allocator.keep_freed_memory`)."""
     records = [*result.get("rows", []), *result.get("memory", [])]
     seen: dict[str, int] = {}
     for r in records:
@@ -554,7 +552,7 @@ def figure(result: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for ax, (model, pset) in zip(axes[:, 0], panels, strict=True):
         mine = [r for r in rows if (r["model"], r["prompt_set"]) == (model, pset)]
-        methods = [m for m in ISSUE_PARAMS if any(r["method"] == m for r in mine)]
+        methods = [m for m in BENCH_PARAMS if any(r["method"] == m for r in mine)]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             xs, ys = [], []

@@ -12,8 +12,8 @@ Options (each also read from an environment variable):
 - ``--bench-memory-budget GIB``: the IG memory case's budget (default 2.5 on CPU, 8 on CUDA)
 - ``--bench-fresh``: drop the rows of earlier sessions from ``bench/results/<name>.json``
 
-The session first calls :func:`tokattr.keep_freed_memory` (``TOKATTR_MALLOC=default``: glibc's
-defaults), as the ``tokattr`` command does; each row records the allocator it ran with.
+The session first calls :func:`tokattr.allocator.keep_freed_memory` (``TOKATTR_MALLOC=default``:
+glibc's defaults), as the ``tokattr`` command does; each row records the allocator it ran with.
 """
 
 from __future__ import annotations

@@ -258,14 +258,7 @@ def test_memory(benchmark: Any, session: Session, run: str) -> None:
         "dtype": cfg.dtype,
         "prompt_tokens": h.MEMORY_LENGTH,
     }
-    if run == "memory_budget":
-        if not h.memory_budget_supported():
-            record.update(status="skipped", reason="tokattr.attribute has no memory_budget")
-            session.store.add_memory(run, record)
-            pytest.skip(record["reason"])
-        chunk = None
-    else:
-        chunk = small if run == "small_chunk" else large
+    chunk = None if run == "memory_budget" else small if run == "small_chunk" else large
     answer: dict[str, Any] = {}
 
     def go() -> None:

@@ -19,7 +19,8 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 FAULTS = """
 import json, resource, sys
 import tokattr
-kept = tokattr.keep_freed_memory()
+import tokattr.allocator
+kept = tokattr.allocator.keep_freed_memory()
 from tokattr.data.arithmetic import ArithmeticGenerator
 lm = tokattr.load_model("arith-tiny")
 problems = ArithmeticGenerator(seed=4242).take(32)  # the benchmark's prompts

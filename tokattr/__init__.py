@@ -4,7 +4,6 @@ The core (this package's top level) needs no Lightning and no W&B: ``import toka
 imports neither. The Lightning layer (``tokattr.lightning.train``, the runner) and the CLI do.
 """
 
-from tokattr.allocator import keep_freed_memory
 from tokattr.attribution import Attribution, attribute
 from tokattr.evaluation import EvaluationTable, evaluate
 from tokattr.methods import METHODS
@@ -24,6 +23,5 @@ __all__ = [
     "__version__",
     "attribute",
     "evaluate",
-    "keep_freed_memory",
     "load_model",
 ]

@@ -90,7 +90,7 @@ def _usage() -> str:
     lines += [
         "",
         "Every command first has glibc's malloc keep freed memory for reuse (fewer page faults",
-        "on CPU; tokattr.keep_freed_memory); TOKATTR_MALLOC=default leaves the allocator alone.",
+        "on CPU; tokattr.allocator); TOKATTR_MALLOC=default leaves the allocator alone.",
     ]
     return "\n".join(lines)
 
