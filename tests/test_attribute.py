@@ -131,7 +131,7 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
     """With the built-in target, occlusion re-runs a perturbed sequence only from the removed
     token on (the earlier columns' keys and values come from the unperturbed pass). Rows too
     long to pack as trees take this path; here every row does."""
-    from tokattr.attribution import supports_branches
+    from tokattr.engine.capabilities import supports_branches
 
     monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)
     lm = tiny_lm(arch)
@@ -153,7 +153,7 @@ def test_occlusion_packs_each_prompt_with_its_perturbations(arch):
     """Short prompts go as trees: each row and its perturbations from the removed token on are
     packed into one sequence (tree attention), the shared columns computed once: the same
     scores as full passes from far fewer tokens, and counted as one evaluation per sequence."""
-    from tokattr.attribution import supports_branches
+    from tokattr.engine.capabilities import supports_branches
 
     lm = tiny_lm(arch)
     assert supports_branches(lm, log_prob)  # probed once, before the hook
@@ -206,7 +206,7 @@ def test_packing_falls_back_where_the_model_does_not_honour_it():
     scores."""
     from transformers import LlamaForCausalLM
 
-    from tokattr.attribution import supports_branches, supports_prefix
+    from tokattr.engine.capabilities import supports_branches, supports_prefix
     from tokattr.models import LanguageModel
 
     class IgnoresMask(LlamaForCausalLM):
@@ -567,7 +567,7 @@ def test_passes_over_short_prompts_skip_the_padding(method):
 def test_prefix_reuse_only_where_the_cache_is_exact():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from tokattr.attribution import supports_prefix
+    from tokattr.engine.capabilities import supports_prefix
     from tokattr.models import LanguageModel
     from tokattr.targets import contrast, logit, prob
 
@@ -651,7 +651,7 @@ def _llama_taking_cache_as(spelling):
 def test_the_cache_name_is_read_through_a_forward_that_passes_kwargs_on():
     """A subclass whose ``forward`` names neither spelling but passes ``**kwargs`` to its
     parent's takes the parent's; one without ``**kwargs`` takes none."""
-    from tokattr.targets import cache_kwarg
+    from tokattr.engine.cache import cache_kwarg
 
     for spelling in ("cache", "past_key_values", None):
         parent = type(_llama_taking_cache_as(spelling)[0].model)
@@ -667,8 +667,8 @@ def test_the_cache_goes_by_the_name_the_models_forward_declares(spelling, monkey
     under the one name its own ``forward`` declares (read once from the signature), so prefix
     passes work, warning-free, whichever spelling a release or a custom model uses; a model that
     declares neither gets full passes. Scores equal the stock model's full passes."""
-    from tokattr.attribution import supports_prefix
-    from tokattr.targets import cache_kwarg
+    from tokattr.engine.cache import cache_kwarg
+    from tokattr.engine.capabilities import supports_prefix
 
     monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)  # key/value-cache passes
     lm, seen = _llama_taking_cache_as(spelling)

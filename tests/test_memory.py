@@ -8,6 +8,7 @@ from _tiny import tiny_lm
 
 from tokattr.attribution import attribute
 from tokattr.batching import collate, encode_example
+from tokattr.engine import packing as engine_packing
 from tokattr.memory import (
     CPU_TOKENS_PER_PASS,
     ModelShape,
@@ -114,7 +115,6 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     """Occlusion's packed trees (a prompt with its perturbations in one sequence): a pass holds
     no more than the memory of the budget's full sequences, by the same estimate; a packed pass
     that runs out of memory is split, and the scores stay the same."""
-    from tokattr import targets
     from tokattr.memory import packed_rows_per_pass
     from tokattr.methods import occlusion
 
@@ -134,14 +134,14 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
         ),
         with_kwargs=True,
     )
-    real = targets._packed_score_columns
+    real = engine_packing._packed_score_columns
     calls = []
 
     def counted(model, embeds, *args):
         calls.append(args[-1].passes)
         return real(model, embeds, *args)
 
-    monkeypatch.setattr(targets, "_packed_score_columns", counted)
+    monkeypatch.setattr(engine_packing, "_packed_score_columns", counted)
     try:
         got = attribute(lm, prompts, "occlusion", target=answers, memory_budget=budget)
     finally:
@@ -162,7 +162,7 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
             raise torch.OutOfMemoryError("fake: more than one packed sequence")
         return real(model, embeds, *args)
 
-    monkeypatch.setattr(targets, "_packed_score_columns", fragile)
+    monkeypatch.setattr(engine_packing, "_packed_score_columns", fragile)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         split = attribute(lm, prompts, "occlusion", target=answers, batch_size=64)
     for a, b in zip(split, got, strict=True):

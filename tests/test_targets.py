@@ -10,8 +10,10 @@ import pytest
 import torch
 from _tiny import ALL_ARCHS, tiny_lm
 
-from tokattr import attribute, targets
+from tokattr import attribute
 from tokattr.batching import collate, encode_example, encode_examples
+from tokattr.engine import capabilities as engine_capabilities
+from tokattr.engine import tail as engine_tail
 from tokattr.targets import TARGETS, log_prob, target_inputs
 
 PROMPTS = ["12+3=", "$16,000/-0.8=", "7x5=", "4900/100="]
@@ -239,7 +241,7 @@ def _branched(lm, per_answer_token=False):
     """The padded batch of PROMPTS, and two branches per row: the row with its first feature,
     and with its last prompt token, replaced by a random vector (branch points at both ends
     of the prompt)."""
-    from tokattr.targets import Branches
+    from tokattr.engine.packing import Branches
 
     examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
     batch = collate(lm.tokenizer, examples)
@@ -283,7 +285,7 @@ def test_branches_packing_and_errors():
     result does not depend on the packing. A branch that starts in the answer is refused."""
     from dataclasses import replace
 
-    from tokattr.targets import first_fit_trees, tree_sizes
+    from tokattr.engine.packing import first_fit_trees, tree_sizes
 
     assert first_fit_trees([5, 3, 2, 4, 1]) == [0, 2, 2, 1, 1]  # 5 | 4+1 | 3+2
     assert first_fit_trees([5, 3, 2], width=10) == [0, 0, 0]
@@ -291,7 +293,7 @@ def test_branches_packing_and_errors():
         first_fit_trees([5, 3], width=4)
     lm = tiny_lm("llama")
     embeds, inputs, branches, copies = _branched(lm)
-    targets.tail_mlp(lm.model)  # the once-per-model probe runs before the hook
+    engine_tail.tail_mlp(lm.model)  # the once-per-model probe runs before the hook
     shapes = []
     hook = lm.model.register_forward_pre_hook(
         lambda _, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape)),
@@ -331,21 +333,21 @@ def test_branches_packing_and_errors():
 @contextlib.contextmanager
 def whole_passes(model):
     """Run every pass whole (no last-MLP cut) inside the block."""
-    had, old = model in targets._TAIL_MLP, targets._TAIL_MLP.get(model)
-    targets._TAIL_MLP[model] = None
+    had, old = model in engine_tail._TAIL_MLP, engine_tail._TAIL_MLP.get(model)
+    engine_tail._TAIL_MLP[model] = None
     try:
         yield
     finally:
         if had:
-            targets._TAIL_MLP[model] = old
+            engine_tail._TAIL_MLP[model] = old
         else:
-            del targets._TAIL_MLP[model]
+            del engine_tail._TAIL_MLP[model]
 
 
 def mlp_widths(model, run):
     """``run()``'s result and the column counts the last decoder MLP computed on."""
     widths = []
-    handle = targets.last_decoder_mlp(model).register_forward_hook(
+    handle = engine_tail.last_decoder_mlp(model).register_forward_hook(
         lambda module, args, out: widths.append(out.shape[1])
     )
     try:
@@ -375,7 +377,6 @@ def test_last_mlp_runs_on_the_scored_columns_only(arch):
 def test_cut_passes_give_the_same_attributions(method):
     """Packed occlusion trees, key/value-cache passes, full perturbed sequences, and gradients
     through the cut."""
-    from tokattr import attribution
 
     lm = tiny_lm("llama")
     params = {"kernel_shap": {"n_samples": 40}, "integrated_gradients": {"n_steps": 8}}
@@ -389,18 +390,18 @@ def test_cut_passes_give_the_same_attributions(method):
         **params.get(method, {}),
     )
     run()  # the once-per-model probes run here
-    packs = attribution._BRANCHES_OK.get(lm.model)  # probed only by occlusion
+    packs = engine_capabilities._BRANCHES_OK.get(lm.model)  # probed only by occlusion
     if method == "occlusion-cache":  # as on a model that cannot pack
-        attribution._BRANCHES_OK[lm.model] = False
+        engine_capabilities._BRANCHES_OK[lm.model] = False
     try:
         cut, cut_widths = mlp_widths(lm.model, run)
         with whole_passes(lm.model):
             whole, whole_widths = mlp_widths(lm.model, run)
     finally:
         if packs is None:
-            attribution._BRANCHES_OK.pop(lm.model, None)
+            engine_capabilities._BRANCHES_OK.pop(lm.model, None)
         else:
-            attribution._BRANCHES_OK[lm.model] = packs
+            engine_capabilities._BRANCHES_OK[lm.model] = packs
     # The same passes, each of whose last MLP computes fewer columns (a cache pass that starts
     # at the last prompt column has none to leave out).
     assert len(cut_widths) == len(whole_widths)
@@ -421,11 +422,11 @@ def test_only_the_innermost_block_cuts_and_only_once():
             return lm.model(inputs_embeds=x, position_ids=pos, **kwargs).logits
 
     full = logits()
-    targets.tail_mlp(lm.model)  # probed before the hooks count
+    engine_tail.tail_mlp(lm.model)  # probed before the hooks count
 
     def nested():
-        with targets.last_mlp_on_tail(lm.model, 12, 1):
-            with targets.last_mlp_on_tail(lm.model, 12, 7):
+        with engine_tail.last_mlp_on_tail(lm.model, 12, 1):
+            with engine_tail.last_mlp_on_tail(lm.model, 12, 7):
                 inner = logits(7)
             return inner, logits(1), logits(3)  # the outer block's first call is cut, not the next
 
@@ -452,11 +453,11 @@ def test_a_failing_probe_warns_and_runs_whole():
     model = copy.deepcopy(lm.model)
     inner = model.model.layers[-1].mlp
     model.model.layers[-1].mlp = NoShortInputs(inner, torch.OutOfMemoryError("no room"))
-    assert targets.tail_mlp(model) is None and model not in targets._TAIL_MLP  # asks again
+    assert engine_tail.tail_mlp(model) is None and model not in engine_tail._TAIL_MLP  # asks again
     model.model.layers[-1].mlp = NoShortInputs(inner, ValueError("short"))
     with pytest.warns(RuntimeWarning, match="probe failed: ValueError: short"):
-        assert targets.tail_mlp(model) is None
-    assert targets._TAIL_MLP[model] is None
+        assert engine_tail.tail_mlp(model) is None
+    assert engine_tail._TAIL_MLP[model] is None
 
 
 def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
@@ -479,7 +480,7 @@ def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
     model = copy.deepcopy(lm.model)
     model.model.layers[-1].mlp = Mixing(model.model.layers[-1].mlp)
     mixed = type(lm)(model, lm.tokenizer, lm.name, lm.path)
-    assert targets.tail_mlp(model) is None  # the probe sees the logits move
+    assert engine_tail.tail_mlp(model) is None  # the probe sees the logits move
     got, widths = mlp_widths(model, lambda: batch_scores(mixed, PROMPTS, ANSWERS))
     assert widths == [seq]
     want = torch.stack(
@@ -491,4 +492,4 @@ def test_a_token_mixing_last_mlp_or_training_mode_runs_whole():
     training = copy.deepcopy(lm.model).train()
     trained = type(lm)(training, lm.tokenizer, lm.name, lm.path)
     _, widths = mlp_widths(training, lambda: batch_scores(trained, PROMPTS, ANSWERS))
-    assert widths == [seq] and training not in targets._TAIL_MLP
+    assert widths == [seq] and training not in engine_tail._TAIL_MLP

@@ -8,9 +8,10 @@ import captum.attr
 import torch
 from torch import Tensor
 
+from tokattr.engine.cache import Prefix, prefix_cache
+from tokattr.engine.packing import Branches, first_fit_trees, tree_sizes
 from tokattr.memory import packed_rows_per_pass
 from tokattr.methods.problem import AttributionProblem, MethodOutput, chunked
-from tokattr.targets import Branches, Prefix, first_fit_trees, prefix_cache, tree_sizes
 
 
 class Occlusion:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from tokattr.engine.cache import Prefix, cache_states
 from tokattr.memory import ModelShape
-from tokattr.targets import Prefix, TargetInputs, cache_states
+from tokattr.targets import TargetInputs
 
 T = TypeVar("T")
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
