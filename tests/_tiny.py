@@ -20,54 +20,49 @@ from tokattr.data.tokenizer import build_tokenizer
 from tokattr.models import LanguageModel
 
 
+def _token_ids(tok) -> dict[str, int | None]:
+    return dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+
+
+def _decoder(tok, positions: int, kv_heads: int | None = None) -> dict:
+    """The config of a 2-layer, d_model 32 decoder on ``tok`` (Llama-style argument names)."""
+    out = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=positions,
+        **_token_ids(tok),
+    )
+    if kv_heads is not None:
+        out["num_key_value_heads"] = kv_heads
+    return out
+
+
+def _gpt2(tok, positions: int) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=positions,
+        **_token_ids(tok),
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
 @functools.cache
 def tiny_lm(arch: str = "llama") -> LanguageModel:
     """A 2-layer, d_model 32 model with seeded random weights (cached: never mutate it)."""
     tok = build_tokenizer(model_max_length=128)
-    ids = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
     torch.manual_seed(0)
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**_decoder(tok, 128, kv_heads=4)))
     elif arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids
-        )
-        model = GPT2LMHeadModel(config)
+        model = _gpt2(tok, 128)
     elif arch == "gpt_neox":
-        config = GPTNeoXConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = GPTNeoXForCausalLM(config)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**_decoder(tok, 128)))
     elif arch == "qwen2":
-        config = Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(**_decoder(tok, 128, kv_heads=2)))
     else:
         raise ValueError(arch)
     return LanguageModel(model.eval(), tok, f"tiny-{arch}", None)
@@ -205,28 +200,14 @@ def tiny_bpe_lm(arch: str = "gpt2") -> LanguageModel:
     from transformers import MistralConfig, MistralForCausalLM
 
     tok = bpe_tokenizer(bos=arch == "mistral", chat=arch == "qwen2")
-    ids = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **ids,
-    )
     torch.manual_seed(1)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
-        )
+        model = _gpt2(tok, 256)
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        model = Qwen2ForCausalLM(Qwen2Config(**_decoder(tok, 256, kv_heads=2)))
     elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+        config = MistralConfig(sliding_window=None, **_decoder(tok, 256, kv_heads=2))
+        model = MistralForCausalLM(config)
     else:
         raise ValueError(arch)
     return LanguageModel(model.eval(), tok, f"tiny-bpe-{arch}", None)
