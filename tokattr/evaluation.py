@@ -409,31 +409,31 @@ def score_batch(
     fn, fn_name = _target_function(target_fn)
     n = len(encoded)
 
-    def run(model_lm: LanguageModel, keep: bool) -> list[Attribution]:
+    def run(model_lm: LanguageModel, rows: Sequence[int], keep: bool) -> list[Attribution]:
         return _attribute_encoded(
-            model_lm, encoded, prompts, answers, None, runner, method, fn, fn_name, baseline,
-            list(seeds), batch_size, None, keep_errors=keep,
+            model_lm, [encoded[i] for i in rows], [prompts[i] for i in rows],
+            None if answers is None else [answers[i] for i in rows], None, runner, method, fn,
+            fn_name, baseline, [seeds[i] for i in rows], batch_size, None, keep_errors=keep,
         )  # fmt: skip
 
-    all_attrs = run(lm, keep_errors)
+    all_attrs = run(lm, range(n), keep_errors)
     errors = {i: a.error for i, a in enumerate(all_attrs) if a.error is not None}
     good = [i for i in range(n) if i not in errors]
     if not good:
-        return BatchScores(all_attrs, {}, exact, None, errors)
+        return BatchScores(all_attrs, {}, None, None, errors)
     attrs = [all_attrs[i] for i in good]
     sub_prompts = [prompts[i] for i in good]
     sub_seeds = [seeds[i] for i in good]
     batch = collate(lm.tokenizer, [encoded[i] for i in good]).to(lm.device)
     problem = batch_problem(lm, batch, baseline, target_fn, sub_seeds, batch_size)
     scores = _full_scores(attrs, batch.feature_mask).to(lm.device)
-    if method == "exact_shapley" and exact is None and not errors:
+    if errors:
+        exact = None  # a cached one is laid out for the whole batch, not for this subset
+    elif method == "exact_shapley" and exact is None:
         exact = scores.float().cpu()  # what shapley_error compares the estimators against
-    if exact is not None and errors:
-        exact = None  # laid out for the whole batch; recomputed for the good examples
     names = [n for n in metrics if method in APPLIES_TO.get(n, {method})]
     curves = F.erasure_curves(problem, scores) if set(ERASURE) & set(names) else None
     values: dict[str, Tensor] = {}
-    exact_used = exact
     for name in names:
         metric = METRICS[name](**dict((metric_params or {}).get(name, {})))
         if name in ERASURE:
@@ -441,16 +441,16 @@ def score_batch(
         elif name == "max_sensitivity":
             metric.update(problem, scores, runner)
         elif name == "shapley_error":
-            if exact_used is None:
-                exact_used = _exact_shapley(problem, shapley_max_tokens)
-            metric.update(scores.cpu(), exact_used, batch.feature_mask.cpu())
+            if exact is None:
+                exact = _exact_shapley(problem, shapley_max_tokens)
+            metric.update(scores.cpu(), exact, batch.feature_mask.cpu())
         elif name == "plausibility_auprc":
             metric.update(scores.cpu(), plausibility_labels(batch, sub_prompts))
         elif name == "randomization_spearman":
             if random_model is None:
                 raise ValueError("randomization_spearman needs the re-initialised model")
-            rand = run(random_model, True)  # a NaN on the random model: NaN, not a stop
-            rand_scores = _full_scores([rand[i] for i in good], batch.feature_mask)
+            rand = run(random_model, good, True)  # a NaN on the random model: NaN, not a stop
+            rand_scores = _full_scores(rand, batch.feature_mask)
             metric.update(scores.cpu(), rand_scores, batch.feature_mask.cpu())
         else:
             metric.update(problem, scores)
@@ -468,11 +468,8 @@ def score_batch(
                 "deletion": curves.deletion[j, : int(curves.n[j]) + 1].tolist(),
                 "insertion": curves.insertion[j, : int(curves.n[j]) + 1].tolist(),
             }
-    if method == "exact_shapley" and errors:
-        exact = None
-    elif exact is None and exact_used is not None and not errors:
-        exact = exact_used
-    return BatchScores(all_attrs, values, exact, per_example, errors)
+    # Reusable by the next SHAP method on this batch only when laid out for the whole batch.
+    return BatchScores(all_attrs, values, None if errors else exact, per_example, errors)
 
 
 def metric_fractions(name: str, metric_params: Mapping[str, Mapping[str, object]] | None) -> tuple:
