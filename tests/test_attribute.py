@@ -133,7 +133,7 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
     long to pack as trees take this path; here every row does."""
     from tokattr.engine.capabilities import supports_branches
 
-    monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)
+    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
     lm = tiny_lm(arch)
     supports_branches(lm, log_prob)  # its one-off probe pass, before the hook
     prompts = [SHORT, OTHERS[0][0], OTHERS[1][0]]
@@ -177,7 +177,7 @@ def test_occlusion_packs_each_prompt_with_its_perturbations(arch):
 def test_occlusion_mixes_packed_and_cached_rows(monkeypatch):
     """Rows over the packing limit take key/value-cache passes, the others go packed: the
     same scores either way, each row once."""
-    from tokattr.methods import occlusion
+    from tokattr.engine import loo as occlusion
 
     lm = tiny_lm("llama")
     prompts = ["123456789+987654321=", SHORT, OTHERS[1][0]]
@@ -670,7 +670,7 @@ def test_the_cache_goes_by_the_name_the_models_forward_declares(spelling, monkey
     from tokattr.engine.cache import cache_kwarg
     from tokattr.engine.capabilities import supports_prefix
 
-    monkeypatch.setattr("tokattr.methods.occlusion.PACK_LIMIT", 0)  # key/value-cache passes
+    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)  # key/value-cache passes
     lm, seen = _llama_taking_cache_as(spelling)
     assert cache_kwarg(type(lm.model)) == spelling
     assert supports_prefix(lm, log_prob) == (spelling is not None)

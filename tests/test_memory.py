@@ -116,7 +116,7 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     no more than the memory of the budget's full sequences, by the same estimate; a packed pass
     that runs out of memory is split, and the scores stay the same."""
     from tokattr.memory import packed_rows_per_pass
-    from tokattr.methods import occlusion
+    from tokattr.engine import loo as occlusion
 
     lm = tiny_lm("llama")
     shape = ModelShape.of(lm.model)

@@ -291,7 +291,7 @@ def test_packed_passes_share_sequences_and_keep_to_the_pass_size():
     """Occlusion's packed passes: every tree once, packed sequences no wider than the largest
     tree and nearly full (first-fit decreasing), per_pass(width, scored) of them a pass,
     whatever the order the rows come in."""
-    from tokattr.methods.occlusion import _plan_passes
+    from tokattr.engine.loo import _plan_passes
 
     gen = np.random.default_rng(0)
     sizes = gen.integers(5, 150, size=40).tolist()

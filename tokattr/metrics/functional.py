@@ -25,6 +25,7 @@ import captum.metrics
 import torch
 from torch import Tensor
 
+from tokattr.engine import loo
 from tokattr.methods.problem import AttributionProblem, Method
 from tokattr.metrics.ranking import (
     FRACTIONS,
@@ -170,36 +171,22 @@ def insertion_auc(problem: AttributionProblem, scores: Tensor) -> Tensor:
     return insertion_auc_from_curves(erasure_curves(problem, scores))
 
 
-@torch.no_grad()
 def leave_one_out(problem: AttributionProblem) -> Tensor:
-    """``f(x) - f(x without token j)`` for every feature slot j (0 past a row's features).
-    ``[batch, n_max]`` float64 (``n`` target evaluations per row plus ``f(x)``)."""
-    n = problem.n_features.cpu()
-    n_max = int(n.max())
-    rows, keeps = (
-        [torch.arange(problem.n_rows)],
-        [torch.ones(problem.n_rows, n_max, dtype=torch.bool)],
-    )
-    for b in range(problem.n_rows):
-        k = int(n[b])
-        rows.append(torch.full((k,), b))
-        keeps.append(~torch.eye(k, n_max, dtype=torch.bool))
-    f = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()
-    fx = f[: problem.n_rows]
-    drops = torch.zeros(problem.n_rows, n_max, dtype=torch.float64)
-    offset = problem.n_rows
-    for b in range(problem.n_rows):
-        k = int(n[b])
-        drops[b, :k] = fx[b] - f[offset : offset + k]
-        offset += k
-    return drops
+    """``f(x) - f(x without token j)`` for every feature slot j (0 past a row's features),
+    by occlusion's own primitive (:func:`tokattr.engine.loo.leave_one_out`). ``[batch, n_max]``
+    float64 on the CPU."""
+    return loo.leave_one_out(problem)[1].cpu()
 
 
-def loo_kendall_tau(problem: AttributionProblem, scores: Tensor) -> Tensor:
-    """Kendall tau-b between the scores and the leave-one-out drops ``f(x) - f(x \\ j)``.
-    Higher is better. ``[batch]`` float64."""
+def loo_kendall_tau(
+    problem: AttributionProblem, scores: Tensor, drops: Tensor | None = None
+) -> Tensor:
+    """Kendall tau-b between the scores and the leave-one-out drops ``f(x) - f(x \\ j)``
+    (``drops``: :func:`leave_one_out`, where already computed). Higher is better. ``[batch]``
+    float64."""
     values, valid = feature_values(problem, scores)
-    return kendall_tau(values.cpu(), leave_one_out(problem), valid.cpu())
+    drops = leave_one_out(problem) if drops is None else drops
+    return kendall_tau(values.cpu(), drops, valid.cpu())
 
 
 def completeness_error(problem: AttributionProblem, scores: Tensor) -> Tensor:
