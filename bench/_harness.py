@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from tokattr.allocator import malloc_env
-from tokattr.attribution import method_parameters
 from tokattr.batching import TokenBatch, collate, encode_example
 from tokattr.data.arithmetic import ArithmeticGenerator, with_demonstrations
 from tokattr.data.tokenizer import build_tokenizer
 from tokattr.models import BUNDLED, LanguageModel
+from tokattr.validation import method_parameters
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

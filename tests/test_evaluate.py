@@ -12,11 +12,12 @@ from _tiny import tiny_lm
 
 import tokattr
 from tokattr import evaluation
-from tokattr.attribution import batch_problem
 from tokattr.batching import collate, encode_example
 from tokattr.data.arithmetic import ArithmeticGenerator
 from tokattr.metrics import METRICS
 from tokattr.metrics import functional as F
+from tokattr.problems import batch_problem
+from tokattr.table import bootstrap_interval
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +168,11 @@ def test_completeness_error_is_for_integrated_gradients_only():
 
 def test_bootstrap_interval():
     v = torch.tensor([1.0, 2.0, 3.0, math.nan, 4.0])
-    mean, low, high, n = evaluation.bootstrap_interval(v, 2000)
+    mean, low, high, n = bootstrap_interval(v, 2000)
     assert (mean, n) == (2.5, 4)
     assert 1.0 <= low < mean < high <= 4.0
-    assert evaluation.bootstrap_interval(v, 2000) == (mean, low, high, n)  # seeded
-    assert math.isnan(evaluation.bootstrap_interval(torch.tensor([math.nan]))[0])
+    assert bootstrap_interval(v, 2000) == (mean, low, high, n)  # seeded
+    assert math.isnan(bootstrap_interval(torch.tensor([math.nan]))[0])
 
 
 @pytest.mark.parametrize(
@@ -194,7 +195,7 @@ def test_bad_input_fails_before_any_work(monkeypatch, arith, kwargs, message):
     def no_work(*args, **kw):
         raise AssertionError("attribution ran before the input was checked")
 
-    monkeypatch.setattr(evaluation, "_attribute_encoded", no_work)
+    monkeypatch.setattr(evaluation, "attribute_collated", no_work)
     args = dict(prompts=["12+3=", "9-4="], answers=["15", "5"], progress=False) | kwargs
     with pytest.raises(ValueError, match=message):
         tokattr.evaluate(arith, **args)

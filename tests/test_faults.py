@@ -21,10 +21,10 @@ from _tiny import tiny_bpe_lm, tiny_lm
 from tokattr.attribution import attribute
 from tokattr.cli import main
 from tokattr.data.arithmetic import read_jsonl
-from tokattr.evaluation import MetricRow, _cell
 from tokattr.lightning.runner import AttributionModule, PromptDataModule, RankShard
 from tokattr.models import reinitialised
 from tokattr.results import OutDirBusyError, OutDirLock, read_parts
+from tokattr.table import MetricRow, _cell
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKATTR = [sys.executable, "-m", "tokattr.cli"]
@@ -295,7 +295,7 @@ def test_refusals_of_odd_inputs_stay_short():
 
 
 def test_a_long_prompt_does_not_cut_its_batch_mates_answers_short():
-    from tokattr.accuracy import greedy_answer_ids
+    from tokattr.answers import greedy_answer_ids
 
     lm = tiny_bpe_lm("gpt2")  # 256-token context
     short = "The capital of France is"

@@ -3,6 +3,7 @@ every class against its function."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -13,9 +14,9 @@ import sklearn.metrics
 import torch
 from _tiny import baseline_embeds, direct_log_prob, model_problem, tiny_lm, unpadded
 
-from tokattr.methods import IntegratedGradients, Occlusion, RandomAttribution
+from tokattr.methods import ExactShapley, IntegratedGradients, Occlusion, RandomAttribution
 from tokattr.methods.problem import AttributionProblem, MethodOutput
-from tokattr.metrics import METRICS
+from tokattr.metrics import APPLIES_TO, METRICS, ExactShapleyCache, MetricInputs, applies
 from tokattr.metrics import functional as F
 from tokattr.metrics.classes import (
     CompletenessError,
@@ -367,28 +368,31 @@ def test_shapley_plausibility_and_randomization_equal_references():
 def _class_cases(problem, scores, scores2, labels):
     mask = problem.feature_mask
     method = _Linear()
+    # One inputs object for every metric: the contract of update().
+    inputs = MetricInputs(problem, scores, method=method, labels=labels, exact_shapley=scores2,
+                          random_scores=scores2)
     return {
-        "comprehensiveness": (lambda: Comprehensiveness(), (problem, scores),
+        "comprehensiveness": (lambda: Comprehensiveness(), inputs,
                               lambda: F.comprehensiveness(problem, scores)),
-        "sufficiency": (lambda: Sufficiency(), (problem, scores),
+        "sufficiency": (lambda: Sufficiency(), inputs,
                         lambda: F.sufficiency(problem, scores)),
-        "deletion_auc": (lambda: DeletionAUC(), (problem, scores),
+        "deletion_auc": (lambda: DeletionAUC(), inputs,
                          lambda: F.deletion_auc(problem, scores)),
-        "insertion_auc": (lambda: InsertionAUC(), (problem, scores),
+        "insertion_auc": (lambda: InsertionAUC(), inputs,
                           lambda: F.insertion_auc(problem, scores)),
-        "loo_kendall_tau": (lambda: LooKendallTau(), (problem, scores),
+        "loo_kendall_tau": (lambda: LooKendallTau(), inputs,
                             lambda: F.loo_kendall_tau(problem, scores)),
-        "infidelity": (lambda: Infidelity(4, 0.2), (problem, scores),
+        "infidelity": (lambda: Infidelity(4, 0.2), inputs,
                        lambda: F.infidelity(problem, scores, 4, 0.2)),
-        "max_sensitivity": (lambda: MaxSensitivity(0.05, 3), (problem, scores, method),
+        "max_sensitivity": (lambda: MaxSensitivity(0.05, 3), inputs,
                             lambda: F.max_sensitivity(problem, scores, method, 0.05, 3)),
-        "completeness_error": (lambda: CompletenessError(), (problem, scores),
+        "completeness_error": (lambda: CompletenessError(), inputs,
                                lambda: F.completeness_error(problem, scores)),
-        "shapley_error": (lambda: ShapleyError(), (scores, scores2, mask),
+        "shapley_error": (lambda: ShapleyError(), inputs,
                           lambda: F.shapley_error(scores, scores2, mask)),
-        "plausibility_auprc": (lambda: PlausibilityAUPRC(), (scores, labels),
+        "plausibility_auprc": (lambda: PlausibilityAUPRC(), inputs,
                                lambda: F.plausibility_auprc(scores, labels)),
-        "randomization_spearman": (lambda: RandomizationSpearman(), (scores, scores2, mask),
+        "randomization_spearman": (lambda: RandomizationSpearman(), inputs,
                                    lambda: F.randomization_spearman(scores, scores2, mask)),
     }  # fmt: skip
 
@@ -403,8 +407,8 @@ def test_every_metric_class_equals_its_function():
         metric = make()
         assert isinstance(metric, METRICS[name])
         assert isinstance(metric.higher_is_better, bool)
-        metric.update(*args)
-        metric.update(*args)  # twice: the mean over both equals the mean of one
+        metric.update(args)
+        metric.update(args)  # twice: the mean over both equals the mean of one
         ref = fn()
         got = metric.compute()
         if isinstance(got, dict):
@@ -426,3 +430,70 @@ def test_metric_parameters_are_checked():
         Infidelity(noise_std=0)
     with pytest.raises(ValueError, match="perturb_radius"):
         MaxSensitivity(perturb_radius=-1)
+
+
+# --------------------------------------------------------------------------- the one contract
+
+
+def test_a_metric_missing_what_it_needs_says_which():
+    problem, _ = make_batch(lengths=(4, 3))
+    bare = MetricInputs(problem, random_scores(problem, 1))
+    for cls in METRICS.values():
+        for need in cls.needs:
+            with pytest.raises(ValueError, match=f"needs {need!r}"):
+                cls().update(bare)
+
+
+def test_what_a_metric_applies_to_is_declared_on_its_class():
+    assert APPLIES_TO == {
+        "completeness_error": frozenset({"integrated_gradients"}),
+        "shapley_error": frozenset({"kernel_shap", "shapley_sampling"}),
+    }
+    assert applies("shapley_error", "kernel_shap") and not applies("shapley_error", "occlusion")
+    assert applies("deletion_auc", "anything")
+
+
+def test_shared_quantities_are_computed_once_per_inputs():
+    problem, _ = make_batch(lengths=(5, 3))
+    calls = []
+    forward = problem.forward
+
+    def counting(x, rows, **kw):
+        calls.append(x.shape[0])
+        return forward(x, rows, **kw)
+
+    problem = dataclasses.replace(problem, forward=counting)
+    inputs = MetricInputs(problem, random_scores(problem, 1))
+    Comprehensiveness().update(inputs)
+    first = len(calls)
+    assert first > 0 and not inputs.computed("loo")
+    Sufficiency().update(inputs)
+    DeletionAUC().update(inputs)
+    assert len(calls) == first  # the curves were kept
+    LooKendallTau().update(inputs)
+    assert inputs.computed("loo")
+    again = len(calls)
+    assert torch.equal(inputs.leave_one_out(), F.leave_one_out(problem))
+    assert len(calls) > again  # the functional form recomputes; the inputs did not
+
+
+def test_exact_shapley_cache_computes_each_example_once_and_reuses_a_methods_values():
+    problem, _ = make_batch(lengths=(5, 3, 20))
+    cache = ExactShapleyCache(max_tokens=8)
+    keys = ["a", "b", "c"]
+    ref = cache.reference(keys, problem)
+    assert ref[2].isnan().all()  # 20 tokens: too many to enumerate
+    exact = ExactShapley(8).attribute(problem.select(torch.tensor([0, 1]))).scores
+    assert torch.allclose(ref[:2], exact.float(), atol=1e-6)
+    # Cached: a second call with the rows in another order runs nothing.
+    rows = torch.tensor([1, 0])
+    sub = dataclasses.replace(problem.select(rows), forward=_no_calls)
+    assert torch.equal(cache.reference(["b", "a"], sub), ref[rows])
+    # A method that gives exact values fills the cache with them.
+    filled = ExactShapleyCache(max_tokens=8)
+    filled.put(keys[:2], problem.feature_mask[:2], exact)
+    assert torch.equal(filled.reference(keys[:2], sub.select(torch.tensor([1, 0]))), exact.float())
+
+
+def _no_calls(*args, **kwargs):
+    raise AssertionError("the model was called for values already cached")

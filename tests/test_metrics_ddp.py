@@ -33,7 +33,7 @@ def _results(rows: torch.Tensor | None) -> dict[str, object]:
     out = {}
     for name, (make, args, _) in _class_cases(problem, scores, scores2, labels).items():
         metric = make()
-        metric.update(*args)
+        metric.update(args)
         value = metric.compute()
         out[name] = (
             {k: float(v) for k, v in value.items()} if isinstance(value, dict) else float(value)

@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from tokattr.batching import (
-    Answer,
-    Encoded,
-    TokenBatch,
-    check_prompt,
-    collate,
-    encode_examples,
-    is_token_ids,
-    quote,
-)
-from tokattr.engine.cache import Prefix
+from tokattr.answers import answer_text, fill_greedy_answers
+from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples, quote
 from tokattr.engine.capabilities import supports_branches, supports_prefix
-from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
-from tokattr.memory import ModelShape, sequences_per_pass
-from tokattr.methods import METHODS
+from tokattr.memory import ModelShape
 from tokattr.methods.problem import AttributionProblem, Method, chunked
 from tokattr.models import LanguageModel
-from tokattr.targets import TARGETS, TargetFunction, TargetInputs, contrast, target_inputs
-
-BASELINES = ("pad", "unk", "zero")
-"""How a removed token is replaced: the pad token's embedding (default), the unk token's, or
-the zero vector. Its position id is kept."""
-
-DEFAULT_BATCH_SIZE = 64
+from tokattr.problems import (
+    DEFAULT_BATCH_SIZE,
+    embeddings_and_baselines,
+    pass_sizes,
+    target_forward,
+)
+from tokattr.targets import TargetFunction, contrast, target_inputs
+from tokattr.validation import (
+    build_method,
+    check_baseline,
+    check_positive_int,
+    method_parameters,
+    per_prompt,
+    per_prompt_seed,
+    prompt_list,
+    target_function,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,30 +75,6 @@ class Attribution:
         out["scores"] = self.scores.tolist()
         out["offsets"] = [list(o) for o in self.offsets]
         return out
-
-
-def method_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The hyper-parameters a method takes, by name."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    params = inspect.signature(METHODS[method].__init__).parameters
-    return {
-        k: p
-        for k, p in params.items()
-        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-
-
-def build_method(method: str, params: dict[str, object]) -> Method:
-    """An instance of ``METHODS[method]`` with ``params``, refusing unknown parameters."""
-    valid = method_parameters(method)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for method {method!r}; it takes "
-            f"{sorted(valid) or 'no parameters'}"
-        )
-    return METHODS[method](**params)
 
 
 def attribute(
@@ -163,32 +136,20 @@ def attribute(
         TypeError: a prompt that is not a string (e.g. a tokenizer's ``BatchEncoding``).
     """
     runner = build_method(method, method_params)
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_baseline(baseline)
+    check_positive_int(batch_size, "batch_size", optional=True)
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    fn, fn_name = _target_function(target_fn)
+    fn, fn_name = target_function(target_fn)
     if lm.model.training:
         raise ValueError(
             "the model is in training mode (dropout would randomise scores); call .eval()"
         )
-
     single = isinstance(prompts, str)
-    if isinstance(prompts, Mapping):
-        raise TypeError(
-            f"prompts must be a string or a list of strings, got {type(prompts).__name__} "
-            "(a tokenizer's output?): pass the text"
-        )
-    prompt_list = [prompts] if single else list(prompts)
-    if not prompt_list:
-        raise ValueError("no prompts given")
-    for p in prompt_list:
-        check_prompt(p)
-    answers = _per_prompt(target, prompt_list, "target")
-    foils = _per_prompt(foil, prompt_list, "foil")
-    seeds = _per_prompt_seed(seed, len(prompt_list))
+    prompts_ = prompt_list(prompts)
+    answers = per_prompt(target, len(prompts_), "target")
+    foils = per_prompt(foil, len(prompts_), "foil")
+    seeds = per_prompt_seed(seed, len(prompts_))
     if (fn is contrast) != (foils[0] is not None):
         raise ValueError(
             "target_fn='contrast' needs a foil for every prompt"
@@ -197,12 +158,12 @@ def attribute(
         )
     if per_answer_token and fn is contrast:
         raise ValueError("per_answer_token does not apply to the contrast target")
-    answers = fill_greedy_answers(lm, prompt_list, answers, max_new_tokens)
-    encoded = encode_examples(lm.tokenizer, prompt_list, answers, foils, lm.max_length)
+    answers = fill_greedy_answers(lm, prompts_, answers, max_new_tokens)
+    encoded = encode_examples(lm.tokenizer, prompts_, answers, foils, lm.max_length)
     results = _attribute_encoded(
         lm,
         encoded,
-        prompt_list,
+        prompts_,
         [a if isinstance(a, str) else None for a in answers],
         [f if isinstance(f, str) else None for f in foils],
         runner,
@@ -216,44 +177,6 @@ def attribute(
         per_answer_token,
     )
     return results[0] if single else results
-
-
-def fill_greedy_answers(
-    lm: LanguageModel,
-    prompts: Sequence[str],
-    answers: Sequence[Answer | None],
-    max_new_tokens: int | None = None,
-) -> list[Answer]:
-    """``answers`` with each ``None`` replaced by the model's greedy answer to its prompt (the
-    generated token ids). Every prompt's length is checked in tokens before any generation.
-
-    Raises:
-        ValueError: a prompt with no room for an answer in the model's context, or an empty
-            greedy answer (the model stops at once).
-    """
-    from tokattr.accuracy import greedy_answer_ids, prompt_token_ids
-
-    ids = prompt_token_ids(lm, prompts)  # lengths first: no generation for a prompt too long
-    missing = [i for i, a in enumerate(answers) if a is None]
-    out: list[Answer] = [a for a in answers]  # type: ignore[misc]
-    if missing:
-        greedy = greedy_answer_ids(lm, [ids[i] for i in missing], max_new_tokens)
-        for i, g in zip(missing, greedy, strict=True):
-            if not g:
-                raise ValueError(
-                    f"the model's greedy answer to {quote(prompts[i])} is empty (it stops at "
-                    "once); pass target="
-                )
-            out[i] = g
-    return out
-
-
-def answer_text(lm: LanguageModel, answer: Answer) -> str:
-    """An answer as text: a string as given, token ids decoded as they are (no stripping)."""
-    if isinstance(answer, str):
-        return answer
-    ids = answer.tolist() if isinstance(answer, Tensor) else list(answer)
-    return lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def _attribute_encoded(
@@ -292,40 +215,34 @@ def _attribute_encoded(
     for start in range(0, len(encoded), prompts_per_batch):
         stop = min(start + prompts_per_batch, len(encoded))
         batch = collate(lm.tokenizer, encoded[start:stop]).to(lm.device)
-        results += _attribute_batch(
-            lm,
-            batch,
-            runner,
-            fn,
-            baseline,
-            list(seeds[start:stop]),
-            pass_sizes(lm, batch, batch_size, memory_budget),
-            per_answer_token,
-            meta=dict(
-                method=method,
-                prompts=list(prompts[start:stop]),
-                answers=texts[start:stop],
-                answer_ids=[list(e.answer_ids) for e in encoded[start:stop]],
-                foils=foil_texts[start:stop],
-                fn_name=fn_name,
-                params={k: getattr(runner, k) for k in method_parameters(method)},
-                keep_errors=keep_errors,
-            ),
-        )
+        results += attribute_collated(
+            lm, batch, encoded[start:stop], prompts[start:stop], texts[start:stop],
+            foil_texts[start:stop], runner, method, fn, fn_name, baseline, seeds[start:stop],
+            pass_sizes(lm, batch, batch_size, memory_budget), per_answer_token, keep_errors,
+        )  # fmt: skip
     return results
 
 
-def _attribute_batch(
+def attribute_collated(
     lm: LanguageModel,
     batch: TokenBatch,
+    encoded: Sequence[Encoded],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    foils: Sequence[str | None],
     runner: Method,
+    method: str,
     fn: TargetFunction,
+    fn_name: str,
     baseline: str,
-    seeds: list[int | None],
+    seeds: Sequence[int | None],
     sizes: tuple[int, int],
-    per_answer_token: bool,
-    meta: dict,
+    per_answer_token: bool = False,
+    keep_errors: bool = False,
 ) -> list[Attribution]:
+    """Attribute one collated batch of ``encoded`` examples (``answers`` / ``foils``: the
+    texts to report; ``sizes``: sequences per forward and per forward + backward pass)."""
+    params = {k: getattr(runner, k) for k in method_parameters(method)}
     n_examples = batch.input_ids.shape[0]
     model = lm.model
     device = batch.input_ids.device
@@ -336,17 +253,14 @@ def _attribute_batch(
     passes = 2 if fn is contrast else 1
     evals = torch.zeros(n_examples, dtype=torch.long)
     millis = torch.zeros(n_examples, dtype=torch.float64)
+    target = target_forward(lm, fn)
 
-    def forward(
-        x: Tensor, rows: TargetInputs, past: Prefix | None = None, branches: Branches | None = None
-    ) -> Tensor:
-        seqs = rows.example_index
+    def forward(x: Tensor, rows, past=None, branches=None) -> Tensor:
+        seqs = rows.example_index  # the sequences this call puts through the model, counted
         if branches is not None:  # each branch is a sequence of its row's example
             seqs = torch.cat([seqs, seqs[branches.rows.to(seqs.device)]])
         evals.add_(passes * torch.bincount(seqs.cpu(), minlength=n_examples))
-        if past is None and branches is None:
-            return fn(model, x, rows)
-        return fn(model, x, rows, past=past, branches=branches)
+        return target(x, rows, past=past, branches=branches)
 
     batch_size, grad_batch_size = sizes
     row_scores, row_delta, row_fx = [], [], []
@@ -362,7 +276,7 @@ def _attribute_batch(
             grad_batch_size=grad_batch_size,
             prefix_ok=supports_prefix(lm, fn),
             # Probed only for a method that packs (the probe runs the model once per model).
-            branches_ok=getattr(runner, "packs_branches", False) and supports_branches(lm, fn),
+            branches_ok=runner.packs_branches and supports_branches(lm, fn),
             shape=ModelShape.of(model),
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
@@ -404,8 +318,8 @@ def _attribute_batch(
     bad_scores = ~torch.isfinite(flat)
     errors: dict[int, str] = {}
     if bool(bad_fx.any() or bad_scores.any()):
-        errors = _not_finite(meta, rows_per_example, fx, bad_fx, per_row)
-        if not meta.get("keep_errors"):
+        errors = _not_finite(method, prompts, answers, rows_per_example, fx, bad_fx, per_row)
+        if not keep_errors:
             raise ValueError(next(iter(errors.values())))
     fx_list = fx.tolist()
     delta_list = None if delta is None else delta.tolist()
@@ -421,22 +335,22 @@ def _attribute_batch(
             Attribution(
                 tokens=batch.tokens[b],
                 scores=s,  # [rows of b, n_tokens] (per_answer_token) or [n_tokens]
-                target=meta["answers"][b],
-                method=meta["method"],
-                prompt=meta["prompts"][b],
+                target=answers[b],
+                method=method,
+                prompt=prompts[b],
                 token_ids=batch.token_ids[b],
                 offsets=batch.offsets[b],
                 answer_tokens=batch.answer_tokens[b],
-                target_fn=meta["fn_name"],
+                target_fn=fn_name,
                 target_score=fx_list[mine] if per_answer_token else fx_list[mine.start],
                 baseline=baseline,
-                params=meta["params"],
+                params=params,
                 seed=seeds[b],
                 model_evals=int(evals[b]),
                 time_ms=float(millis[b]),
                 delta=d if per_answer_token or d is None else d[0],
-                foil=meta["foils"][b],
-                answer_ids=meta["answer_ids"][b],
+                foil=foils[b],
+                answer_ids=list(encoded[b].answer_ids),
                 error=errors.get(b),
             )
         )
@@ -444,7 +358,9 @@ def _attribute_batch(
 
 
 def _not_finite(
-    meta: dict,
+    method: str,
+    prompts: Sequence[str],
+    answers: Sequence[str],
     rows_per_example: list[int],
     fx: Tensor,
     bad_fx: Tensor,
@@ -458,7 +374,7 @@ def _not_finite(
     for b, n_rows in enumerate(rows_per_example):
         mine = slice(first, first + n_rows)
         first += n_rows
-        where = f"prompt {quote(meta['prompts'][b])} and answer {quote(meta['answers'][b], 40)}"
+        where = f"prompt {quote(prompts[b])} and answer {quote(answers[b], 40)}"
         values = fx[mine].tolist()
         if bad_fx[mine].any():
             if any(math.isnan(v) for v in values):
@@ -476,116 +392,7 @@ def _not_finite(
             errors[b] = f"the target score is not finite ({values}) for {where}: {cause}"
         elif not all(torch.isfinite(r).all() for r in per_row[mine]):
             errors[b] = (
-                f"method {meta['method']!r} gave NaN/inf scores for {where} (the target score "
+                f"method {method!r} gave NaN/inf scores for {where} (the target score "
                 f"{values} is finite)"
             )
     return errors
-
-
-def pass_sizes(
-    lm: LanguageModel, batch: TokenBatch, batch_size: int | None, memory_budget: int | None
-) -> tuple[int, int]:
-    """Sequences per forward pass and per forward + backward pass for this batch: ``batch_size``
-    when given (capped by ``memory_budget`` when that is given too), else sized to the budget
-    (:func:`tokattr.memory.sequences_per_pass`)."""
-    if batch_size is not None and memory_budget is None:
-        return batch_size, batch_size
-    seq = batch.input_ids.shape[1]
-    scored = seq - batch.prompt_width + 1
-    sizes = tuple(
-        sequences_per_pass(lm.model, seq, grad, memory_budget, scored) for grad in (False, True)
-    )
-    if batch_size is not None:
-        return min(sizes[0], batch_size), min(sizes[1], batch_size)
-    return sizes[0], sizes[1]
-
-
-def embeddings_and_baselines(
-    lm: LanguageModel, batch: TokenBatch, baseline: str = "pad"
-) -> tuple[Tensor, Tensor]:
-    """The batch's input embeddings and their baselines (``baseline`` on the features, the
-    inputs elsewhere), both ``[batch, seq, d_model]`` and detached."""
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-    layer = lm.model.get_input_embeddings()
-    with torch.no_grad():
-        embeds = layer(batch.input_ids).detach()  # [batch, seq, d_model]
-        base = _baseline_vector(lm, baseline, layer.weight)  # [d_model]
-        baselines = torch.where(batch.feature_mask[..., None], base.to(embeds.dtype), embeds)
-    return embeds, baselines
-
-
-def batch_problem(
-    lm: LanguageModel,
-    batch: TokenBatch,
-    baseline: str = "pad",
-    target_fn: str | TargetFunction = "log_prob",
-    seeds: Sequence[int | None] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> AttributionProblem:
-    """One :class:`AttributionProblem` row per example of ``batch``, scoring its whole answer:
-    what the faithfulness metrics re-evaluate, with the same baseline rule as the methods."""
-    fn, _ = _target_function(target_fn)
-    embeds, baselines = embeddings_and_baselines(lm, batch, baseline)
-    model = lm.model
-
-    def forward(x: Tensor, rows: TargetInputs) -> Tensor:
-        return fn(model, x, rows)
-
-    n = batch.input_ids.shape[0]
-    return AttributionProblem(
-        forward=forward,
-        embeds=embeds,
-        baselines=baselines,
-        feature_mask=batch.feature_mask,
-        inputs=target_inputs(batch),
-        batch_size=batch_size,
-        seeds=tuple(seeds) if seeds is not None else (None,) * n,
-    )
-
-
-def _target_function(target_fn: str | TargetFunction) -> tuple[TargetFunction, str]:
-    if callable(target_fn):
-        return target_fn, getattr(target_fn, "__name__", "custom")
-    if target_fn not in TARGETS:
-        raise ValueError(f"unknown target_fn {target_fn!r}; choose from {sorted(TARGETS)}")
-    return TARGETS[target_fn], target_fn
-
-
-def _baseline_vector(lm: LanguageModel, baseline: str, weight: Tensor) -> Tensor:
-    if baseline == "zero":
-        return torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
-    token_id = lm.tokenizer.pad_token_id if baseline == "pad" else lm.tokenizer.unk_token_id
-    if token_id is None:
-        raise ValueError(f"baseline {baseline!r}: the tokenizer has no {baseline} token")
-    return weight[token_id].detach()
-
-
-def _per_prompt(
-    value: Answer | Sequence[Answer | None] | None, prompts: list[str], what: str
-) -> list[Answer | None]:
-    """One answer (or foil) per prompt: a string or token ids for a single prompt, or a list
-    with one per prompt (``None`` entries for targets: the greedy answer)."""
-    if value is None:
-        return [None] * len(prompts)
-    if isinstance(value, str) or is_token_ids(value):
-        if len(prompts) != 1:
-            raise ValueError(
-                f"give one {what} per prompt (a list of {len(prompts)}), not one {what}"
-            )
-        return [value]  # type: ignore[list-item]
-    values = list(value)  # type: ignore[arg-type]
-    if len(values) != len(prompts):
-        raise ValueError(f"{len(values)} {what}s for {len(prompts)} prompts")
-    if what == "foil" and any(v is None for v in values):
-        raise ValueError("give a foil for every prompt")
-    return values
-
-
-def _per_prompt_seed(seed: int | Sequence[int | None] | None, n: int) -> list[int | None]:
-    if seed is None or isinstance(seed, numbers.Integral):
-        return [None if seed is None else int(seed)] * n
-    seeds = [None if s is None else int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-    return seeds

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tokattr.evaluation import EvaluationTable, table_from_values
+from tokattr.table import EvaluationTable, table_from_values
 
 ROW_FIELDS = (
     "example_id",

@@ -61,8 +61,10 @@ def attribute_command(
         batch_size: the most sequences per forward pass (default 64).
         json_out: also write every attribution to this JSON file (a list of records).
     """
-    from tokattr.attribution import attribute, fill_greedy_answers, method_parameters
+    from tokattr.answers import fill_greedy_answers
+    from tokattr.attribution import attribute
     from tokattr.models import load_model
+    from tokattr.validation import method_parameters
 
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
     methods = list(method) if method else list(DEFAULT_METHODS)

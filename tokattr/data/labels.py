@@ -12,6 +12,7 @@ from tokattr.data.arithmetic import (
     OPERAND,
     OPERATOR,
     SIGN,
+    label_prompt,
 )
 
 # A token that spans characters of several roles (``▁+`` spans a space and an operator; a
@@ -40,3 +41,27 @@ def token_roles(offsets: Sequence[tuple[int, int]], text: str, roles: Sequence[s
     if len(roles) != len(text):
         raise ValueError(f"{len(roles)} roles for {len(text)} characters")
     return [role_of_span(text, roles, s, e) for s, e in offsets]
+
+
+RELEVANT = frozenset({OPERAND, OPERATOR})
+"""Roles of the tokens an arithmetic answer depends on (plausibility positives)."""
+IRRELEVANT = frozenset({FORMATTING})
+"""Roles of tokens that cannot change the answer (plausibility negatives)."""
+
+
+def relevance(
+    prompt: str, offsets: Sequence[tuple[int, int]], roles: Sequence[str] | None = None
+) -> list[int] | None:
+    """Ground truth per token for plausibility: 1 for operand digits and operators, 0 for
+    formatting (``$``, ``,``, spaces), -1 for every other token. ``roles``: the prompt's
+    per-character roles (from the generator); ``None``: parsed from the prompt, and ``None``
+    returned for a prompt the arithmetic parser does not read."""
+    if roles is None:
+        try:
+            roles = label_prompt(prompt)
+        except ValueError:
+            return None
+    return [
+        1 if r in RELEVANT else 0 if r in IRRELEVANT else -1
+        for r in token_roles(offsets, prompt, roles)
+    ]

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     """Whether ``fn`` on this model can start from a key/value cache of the first columns
-    (:class:`~tokattr.targets.Prefix`): a built-in target other than ``contrast``, on a
+    (:class:`~tokattr.engine.cache.Prefix`): a built-in target other than ``contrast``, on a
     decoder-only model whose ``forward`` takes a key/value cache (by either name,
-    :func:`~tokattr.targets.cache_kwarg`), a standard cache and full attention in every layer
+    :func:`~tokattr.engine.cache.cache_kwarg`), a standard cache and full attention in every layer
     (sliding-window and recurrent layers are left to full passes)."""
     model, config = lm.model, lm.model.config
     if fn not in PREFIX_TARGETS or getattr(config, "is_encoder_decoder", False):
@@ -48,12 +48,12 @@ _BRANCHES_OK: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKey
 
 
 def supports_branches(lm: LanguageModel, fn: TargetFunction) -> bool:
-    """Whether ``fn`` on this model can score packed trees (:class:`~tokattr.targets.Branches`):
-    where :func:`supports_prefix` holds, with eager or SDPA attention (which take a custom 4-D
-    mask), and where a probe (:func:`_packs_exactly`, run once per model) gives the same
-    log-probs packed as apart. A model that rejects a 4-D mask, or visibly mixes the packed
-    sequences (a mask or position ids it does not honour), gets key/value-cache passes instead
-    of wrong scores."""
+    """Whether ``fn`` on this model can score packed trees
+    (:class:`~tokattr.engine.packing.Branches`): where :func:`supports_prefix` holds, with
+    eager or SDPA attention (which take a custom 4-D mask), and where a probe
+    (:func:`_packs_exactly`, run once per model) gives the same log-probs packed as apart. A
+    model that rejects a 4-D mask, or visibly mixes the packed sequences (a mask or position
+    ids it does not honour), gets key/value-cache passes instead of wrong scores."""
     if not supports_prefix(lm, fn):
         return False
     if getattr(lm.model.config, "_attn_implementation", None) not in ("eager", "sdpa"):

@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tokattr.attribution import BASELINES, DEFAULT_BATCH_SIZE, answer_text, build_method
+from tokattr.answers import answer_text
 from tokattr.batching import encode_example, quote
 from tokattr.data.arithmetic import DEFAULT_MIX, ArithmeticGenerator, read_jsonl
 from tokattr.data.labels import token_roles
-from tokattr.evaluation import score_batch
+from tokattr.evaluation import needs_random_model, score_batch
 from tokattr.methods import METHODS
-from tokattr.metrics import APPLIES_TO, METRICS
+from tokattr.metrics import ExactShapleyCache, applies
 from tokattr.models import load_model, reinitialised
+from tokattr.problems import DEFAULT_BATCH_SIZE
 from tokattr.results import RowWriter, read_parts
+from tokattr.validation import check_baseline, method_specs, metric_names
 
 
 def example_seed(example_id: str) -> int:
@@ -200,31 +201,10 @@ class AttributionModule(pl.LightningModule):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        self.methods = {m: {} for m in METHODS} if methods is None else dict(methods)
-        if not self.methods:
-            raise ValueError("model.methods: no methods given")
-        for name, params in self.methods.items():
-            build_method(name, dict(params or {}))  # refuses unknown methods / parameters
-        self.metric_names = list(METRICS) if metrics is None else list(metrics)
-        unknown = sorted(set(self.metric_names) - set(METRICS))
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-        applicable = [
-            n for n in self.metric_names if set(APPLIES_TO.get(n, self.methods)) & set(self.methods)
-        ]
-        if not applicable:
-            raise ValueError(
-                f"none of the metrics {self.metric_names} applies to the methods "
-                f"{sorted(self.methods)} (e.g. completeness_error is for integrated_gradients "
-                "only): the table would be empty"
-            )
+        self.methods = method_specs({m: {} for m in METHODS} if methods is None else methods)
         self.metric_params = dict(metric_params or {})
-        for name, params in self.metric_params.items():
-            if name not in METRICS:
-                raise ValueError(f"metric_params for unknown metric {name!r}")
-            METRICS[name](**params)
-        if baseline not in BASELINES:
-            raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+        self.metric_names = metric_names(metrics, self.metric_params, list(self.methods))
+        check_baseline(baseline)
         if target_fn == "contrast":
             raise ValueError("target_fn='contrast' needs foils, which the runner does not take")
         self.baseline, self.target_fn = baseline, target_fn
@@ -235,7 +215,7 @@ class AttributionModule(pl.LightningModule):
         self.net = self.lm.model  # a submodule, so that Lightning moves it to the device
         self.random_lm = (
             reinitialised(self.lm, randomization_seed)
-            if "randomization_spearman" in self.metric_names
+            if needs_random_model(self.metric_names)
             else None
         )
         self.random_net = None if self.random_lm is None else self.random_lm.model
@@ -244,7 +224,7 @@ class AttributionModule(pl.LightningModule):
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         answers, failed = self._answers(batch)
-        exact: dict[tuple[str, ...], torch.Tensor] = {}  # shared by the SHAP estimators
+        exact = ExactShapleyCache(self.shapley_max_tokens)  # shared by the SHAP estimators
         for method, params in self.methods.items():
             missing = {e["example_id"] for e in batch} - {e for e, m in self.done if m == method}
             if not missing:
@@ -259,7 +239,7 @@ class AttributionModule(pl.LightningModule):
         """Each example's answer (its own, or the greedy answer's generated token ids) and,
         for those that cannot be attributed, why: a prompt with no room for an answer in the
         model's context (checked in tokens, before any generation) or an empty greedy answer."""
-        from tokattr.accuracy import greedy_answer_ids
+        from tokattr.answers import greedy_answer_ids
 
         tok, limit = self.lm.tokenizer, self.lm.max_length
         answers: list[Any] = [e.get("answer") or None for e in batch]
@@ -301,8 +281,7 @@ class AttributionModule(pl.LightningModule):
             ok.append((e, a, enc))
         if not ok:
             return rows
-        metrics = [n for n in self.metric_names if method in APPLIES_TO.get(n, {method})]
-        key = tuple(e["example_id"] for e, _, _ in ok)
+        metrics = [n for n in self.metric_names if applies(n, method)]
         scored = score_batch(
             lm,
             [enc for _, _, enc in ok],
@@ -317,12 +296,10 @@ class AttributionModule(pl.LightningModule):
             target_fn=self.target_fn,
             batch_size=self.forward_batch_size,
             random_model=self.random_lm,
-            shapley_max_tokens=self.shapley_max_tokens,
-            exact=exact_cache.get(key),
+            exact=exact_cache,
+            roles=[e.get("roles") for e, _, _ in ok],
             keep_errors=True,
         )
-        if scored.exact is not None:
-            exact_cache[key] = scored.exact
         for j, ((e, a, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
             if j in scored.errors:
                 rows.append(self._error_row(e, a, method, scored.errors[j]))

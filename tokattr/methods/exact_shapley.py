@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
 
 
-class ExactShapley:
+class ExactShapley(Method):
     """Exact Shapley values: Shapley, "A Value for n-Person Games", Contributions to the
     Theory of Games II, 1953.
 
@@ -26,6 +26,8 @@ class ExactShapley:
     Args:
         max_tokens: the most prompt tokens a row may have, >= 1.
     """
+
+    gives_exact_shapley = True
 
     def __init__(self, max_tokens: int = 16) -> None:
         if not isinstance(max_tokens, int) or max_tokens < 1:

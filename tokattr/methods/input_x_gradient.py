@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
 
 
-class InputXGradient:
+class InputXGradient(Method):
     """Input x gradient: Shrikumar, Greenside, Shcherbina & Kundaje, "Not Just a Black Box:
     Learning Important Features Through Propagating Activation Differences", 2016
     (arXiv:1605.01713).

@@ -7,7 +7,7 @@ import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 from torch import Tensor
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput, chunked
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 _CAPTUM_RULES = (
     "gausslegendre",
@@ -21,7 +21,7 @@ INITIAL_PANELS = 4  # adaptive_simpson: Simpson panels on an even grid before re
 SPLITS_PER_ROUND = 4  # adaptive_simpson: panels halved per row in each batched round
 
 
-class IntegratedGradients:
+class IntegratedGradients(Method):
     """Integrated Gradients: Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep
     Networks", ICML 2017.
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.distributions.categorical import Categorical
 from torch.utils.data import DataLoader
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput, seeded
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, seeded
 
 
 class WeightedLeastSquares(Model):
@@ -101,7 +101,7 @@ def weighted_least_squares(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
     return torch.linalg.lstsq(xc, yc[:, None], driver="gelsd").solution[:, 0]
 
 
-class KernelShap:
+class KernelShap(Method):
     """Kernel SHAP: Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions",
     NeurIPS 2017.
 

@@ -32,10 +32,10 @@ OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 Forward = Callable[..., Tensor]
 """``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``; where the problem
 has ``prefix_ok``, also ``(embeds, inputs, past=Prefix(cache, offset))``: the columns before
-``offset`` are read from the key/value cache (:class:`tokattr.targets.Prefix`) and not
+``offset`` are read from the key/value cache (:class:`tokattr.engine.cache.Prefix`) and not
 recomputed; where it has ``branches_ok``, also ``(embeds, inputs, branches=Branches(...))`` ->
 ``[rows + branches]``: copies of rows that differ from a column on, packed with their rows
-into one pass (:class:`tokattr.targets.Branches`)."""
+into one pass (:class:`tokattr.engine.packing.Branches`)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class AttributionProblem:
     """A batch of rows to attribute.
 
     ``batch_size`` is the most sequences a method may put through the model in one forward
-    pass (a packed pass, :class:`~tokattr.targets.Branches`, holds the memory of that many
+    pass (a packed pass, :class:`~tokattr.engine.packing.Branches`, holds the memory of that many
     full sequences) (``grad_batch_size``, when given, the most in one forward + backward pass).
     ``seeds`` seeds each row's random draws on its own (``None``: the global RNG), so a
     row's scores do not depend on which other rows share its batch. ``prefix_ok``: ``forward``
@@ -256,7 +256,7 @@ class AttributionProblem:
     @torch.inference_mode()
     def states(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The target on the unperturbed rows and, per layer, their key/value states (for
-        :class:`~tokattr.targets.Prefix`); needs ``prefix_ok``. ``[batch]``, per layer
+        :class:`~tokattr.engine.cache.Prefix`); needs ``prefix_ok``. ``[batch]``, per layer
         ``([batch, heads, seq, head_dim], ...)``: inference tensors (``torch.inference_mode``),
         not to be changed in place or used with autograd."""
         if not self.prefix_ok:
@@ -298,7 +298,21 @@ class MethodOutput:
 
 
 class Method(Protocol):
-    """An attribution method: hyper-parameters in ``__init__``, one verb."""
+    """An attribution method: hyper-parameters in ``__init__``, one verb. Every method in
+    :data:`tokattr.methods.METHODS` subclasses it, inheriting the capability defaults below
+    (a method overrides those it has, as a class attribute or a property).
+
+    Attributes:
+        packs_branches: the method may call ``forward(..., branches=...)`` (packed tree
+            passes); the engine then probes, once per model, whether the model scores them
+            exactly, and sets the problem's ``branches_ok``.
+        gives_exact_shapley: the method's scores are the exact Shapley values, so the
+            ``shapley_error`` metric may take them as its reference instead of enumerating
+            the coalitions again.
+    """
+
+    packs_branches: bool = False
+    gives_exact_shapley: bool = False
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput: ...
 

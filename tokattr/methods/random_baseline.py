@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
 
 
-class RandomAttribution:
+class RandomAttribution(Method):
     """Random attribution: i.i.d. standard normal scores per prompt token, no model call.
 
     The floor of every faithfulness metric (as the random baseline of Adebayo et al.,

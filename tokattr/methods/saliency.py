@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
 
 
-class Saliency:
+class Saliency(Method):
     """Saliency: Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks:
     Visualising Image Classification Models and Saliency Maps", 2013 (arXiv:1312.6034).
 

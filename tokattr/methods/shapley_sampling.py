@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokattr.methods.problem import AttributionProblem, MethodOutput, seeded
+from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, seeded
 
 
-class ShapleyValueSampling:
+class ShapleyValueSampling(Method):
     """Shapley value sampling: Castro, Gómez & Tejada, "Polynomial calculation of the Shapley
     value based on sampling", Computers & Operations Research 2009; Štrumbelj & Kononenko,
     "An Efficient Explanation of Individual Classifications using Game Theory", JMLR 2010.

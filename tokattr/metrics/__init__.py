@@ -21,6 +21,7 @@ from tokattr.metrics.classes import (
     ShapleyError,
     Sufficiency,
 )
+from tokattr.metrics.inputs import ExactShapleyCache, MetricInputs
 from tokattr.metrics.ranking import FRACTIONS
 
 METRICS: dict[str, type[PerExampleMetric]] = {
@@ -39,10 +40,17 @@ METRICS: dict[str, type[PerExampleMetric]] = {
 """Metric name -> class (explicit; the names are those of every output table)."""
 
 APPLIES_TO: dict[str, frozenset[str]] = {
-    "completeness_error": frozenset({"integrated_gradients"}),
-    "shapley_error": frozenset({"kernel_shap", "shapley_sampling"}),
+    name: cls.applies_to for name, cls in METRICS.items() if cls.applies_to is not None
 }
-"""Metrics that only make sense for some methods; the rest apply to every method."""
+"""Metrics that only make sense for some methods (each class's ``applies_to``); the rest
+apply to every method."""
+
+
+def applies(metric: str, method: str) -> bool:
+    """Whether ``metric`` is computed for ``method``."""
+    allowed = METRICS[metric].applies_to
+    return allowed is None or method in allowed
+
 
 __all__ = [
     "APPLIES_TO",
@@ -51,13 +59,16 @@ __all__ = [
     "CompletenessError",
     "Comprehensiveness",
     "DeletionAUC",
+    "ExactShapleyCache",
     "Infidelity",
     "InsertionAUC",
     "LooKendallTau",
     "MaxSensitivity",
+    "MetricInputs",
     "PerExampleMetric",
     "PlausibilityAUPRC",
     "RandomizationSpearman",
     "ShapleyError",
     "Sufficiency",
+    "applies",
 ]

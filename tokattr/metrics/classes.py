@@ -4,23 +4,30 @@
 Each metric keeps one ``cat`` state, the per-example values, so that processes can be merged
 (torchmetrics gathers the state across ranks on ``compute``) and bootstrap intervals drawn
 from them. ``compute`` is the mean over examples where the metric is defined (NaN values, e.g.
-a prompt without formatting tokens for plausibility, are left out). Every class declares
-``higher_is_better``.
+a prompt without formatting tokens for plausibility, are left out).
+
+One contract for all: ``update(inputs)`` takes a :class:`~tokattr.metrics.inputs.MetricInputs`
+and every class declares ``name``, ``higher_is_better``, what it ``needs`` beyond the problem
+and the scores (see :data:`~tokattr.metrics.inputs.NEEDS`), and the methods it
+``applies_to`` (``None``: every method). A new metric is a class here (its computation in
+:mod:`tokattr.metrics.functional`) and one line in :data:`tokattr.metrics.METRICS`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from tokattr.methods.problem import AttributionProblem, Method
 from tokattr.metrics import functional as F
+from tokattr.metrics.inputs import MetricInputs
 from tokattr.metrics.ranking import FRACTIONS
+from tokattr.table import fraction_label
 
 
 def nanmean(values: Tensor) -> Tensor:
@@ -30,11 +37,6 @@ def nanmean(values: Tensor) -> Tensor:
     return values.double().nanmean(0)
 
 
-def fraction_label(f: float) -> str:
-    """``0.05 -> "5%"``: how a fraction k is named in outputs."""
-    return f"{f * 100:g}%"
-
-
 class PerExampleMetric(Metric):
     """Abstract: a metric with one value per example (``[n]`` or ``[n, K]``), averaged."""
 
@@ -42,13 +44,20 @@ class PerExampleMetric(Metric):
     full_state_update = False
     higher_is_better: bool
     name: str
+    needs: ClassVar[frozenset[str]] = frozenset()
+    applies_to: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
-    def _append(self, values: Tensor) -> None:
-        self.values.append(values.detach().double().to(self.device))
+    def update(self, inputs: MetricInputs) -> None:  # type: ignore[override]
+        """Append the batch's per-example values."""
+        self.values.append(self.per_batch(inputs).detach().double().to(self.device))
+
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        """One value per example of the batch (``[batch]`` or ``[batch, K]``)."""
+        raise NotImplementedError
 
     def per_example(self) -> Tensor:
         """The values of every example seen (on every rank), in update order."""
@@ -65,16 +74,9 @@ class _FromCurves(PerExampleMetric):
     """Abstract: a metric read off the deletion / insertion curves
     (:func:`~tokattr.metrics.functional.erasure_curves`)."""
 
-    def update(
-        self,
-        problem: AttributionProblem,
-        scores: Tensor,
-        curves: F.ErasureCurves | None = None,
-    ) -> None:
-        """``scores [batch, seq]``; ``curves`` (from :func:`erasure_curves`) saves the model
-        calls when several erasure metrics share a batch."""
-        curves = curves if curves is not None else F.erasure_curves(problem, scores)
-        self._append(self._from_curves(curves))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        """From the inputs' curves, computed once for every erasure metric of the batch."""
+        return self._from_curves(inputs.curves())
 
     def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
         raise NotImplementedError
@@ -154,8 +156,8 @@ class LooKendallTau(PerExampleMetric):
     higher_is_better = True
     name = "loo_kendall_tau"
 
-    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
-        self._append(F.loo_kendall_tau(problem, scores))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.loo_kendall_tau(inputs.problem, inputs.scores, inputs.leave_one_out())
 
 
 class Infidelity(PerExampleMetric):
@@ -185,9 +187,9 @@ class Infidelity(PerExampleMetric):
             normalize,
         )
 
-    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
-        self._append(
-            F.infidelity(problem, scores, self.n_perturb_samples, self.noise_std, self.normalize)
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.infidelity(
+            inputs.problem, inputs.scores, self.n_perturb_samples, self.noise_std, self.normalize
         )
 
 
@@ -198,6 +200,7 @@ class MaxSensitivity(PerExampleMetric):
 
     higher_is_better = False
     name = "max_sensitivity"
+    needs = frozenset({"method"})
 
     def __init__(
         self, perturb_radius: float = 0.02, n_perturb_samples: int = 8, **kwargs: object
@@ -210,9 +213,10 @@ class MaxSensitivity(PerExampleMetric):
             )
         self.perturb_radius, self.n_perturb_samples = perturb_radius, n_perturb_samples
 
-    def update(self, problem: AttributionProblem, scores: Tensor, method: Method) -> None:
-        self._append(
-            F.max_sensitivity(problem, scores, method, self.perturb_radius, self.n_perturb_samples)
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        method = inputs.need("method", self.name)
+        return F.max_sensitivity(
+            inputs.problem, inputs.scores, method, self.perturb_radius, self.n_perturb_samples
         )
 
 
@@ -223,9 +227,10 @@ class CompletenessError(PerExampleMetric):
 
     higher_is_better = False
     name = "completeness_error"
+    applies_to = frozenset({"integrated_gradients"})
 
-    def update(self, problem: AttributionProblem, scores: Tensor) -> None:
-        self._append(F.completeness_error(problem, scores))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.completeness_error(inputs.problem, inputs.scores)
 
 
 class ShapleyError(PerExampleMetric):
@@ -235,10 +240,12 @@ class ShapleyError(PerExampleMetric):
 
     higher_is_better = False
     name = "shapley_error"
+    needs = frozenset({"exact_shapley"})
+    applies_to = frozenset({"kernel_shap", "shapley_sampling"})
 
-    def update(self, scores: Tensor, exact: Tensor, feature_mask: Tensor) -> None:
-        """``scores``, ``exact``: ``[batch, seq]``; ``feature_mask``: ``[batch, seq]`` bool."""
-        self._append(F.shapley_error(scores, exact, feature_mask))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        exact = inputs.need("exact_shapley", self.name)
+        return F.shapley_error(inputs.scores.cpu(), exact, inputs.feature_mask)
 
 
 class PlausibilityAUPRC(PerExampleMetric):
@@ -247,10 +254,11 @@ class PlausibilityAUPRC(PerExampleMetric):
 
     higher_is_better = True
     name = "plausibility_auprc"
+    needs = frozenset({"labels"})
 
-    def update(self, scores: Tensor, labels: Tensor) -> None:
-        """``scores [batch, seq]``; ``labels [batch, seq]`` long: 1, 0 or -1 (ignored)."""
-        self._append(F.plausibility_auprc(scores, labels))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        labels = inputs.need("labels", self.name)
+        return F.plausibility_auprc(inputs.scores.cpu(), labels)
 
 
 class RandomizationSpearman(PerExampleMetric):
@@ -260,7 +268,8 @@ class RandomizationSpearman(PerExampleMetric):
 
     higher_is_better = False
     name = "randomization_spearman"
+    needs = frozenset({"random_scores"})
 
-    def update(self, scores: Tensor, random_scores: Tensor, feature_mask: Tensor) -> None:
-        """All ``[batch, seq]``; ``random_scores`` from the re-initialised model."""
-        self._append(F.randomization_spearman(scores, random_scores, feature_mask))
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        random_scores = inputs.need("random_scores", self.name)
+        return F.randomization_spearman(inputs.scores.cpu(), random_scores, inputs.feature_mask)
