@@ -1,0 +1,103 @@
+"""Figures and a self-contained HTML report of a finished ``tokattr bench`` run.
+
+Post-processing of the files in a run's ``out_dir`` (see :mod:`tokattr.results`): no model,
+no Lightning, no W&B.
+
+- :mod:`~tokattr.report.load`: :func:`load_run` reads the run into a frozen :class:`Run`;
+  :func:`costs_from_rows` is each method's own cost (:func:`method_costs`: of a run).
+- :mod:`~tokattr.report.figures`: :func:`example_heatmap`, :func:`erasure_curves_figure`,
+  :func:`agreement_figure`, :func:`metrics_figure` and the numbers behind them.
+- :mod:`~tokattr.report.html`: :func:`write_report`, the PNGs and ``report.html``.
+
+The names below are loaded on first use (PEP 562): reading a run or its costs
+(:mod:`tokattr.report.load`, which :mod:`tokattr.results` uses) does not import matplotlib
+or the metrics, which only the figures need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokattr.report.figures import (
+        MeanCurves,
+        agreement_figure,
+        agreement_matrix,
+        erasure_curves_figure,
+        example_heatmap,
+        example_scores,
+        format_score,
+        mean_erasure_curves,
+        metrics_figure,
+        normalised_curves,
+    )
+    from tokattr.report.html import write_report
+    from tokattr.report.load import (
+        CSV_COLUMNS,
+        Cost,
+        Run,
+        costs_from_rows,
+        headline_metrics,
+        load_run,
+        method_costs,
+    )
+
+_MODULES = {
+    "tokattr.report.load": (
+        "CSV_COLUMNS",
+        "Cost",
+        "Run",
+        "costs_from_rows",
+        "headline_metrics",
+        "load_run",
+        "method_costs",
+    ),
+    "tokattr.report.figures": (
+        "MeanCurves",
+        "agreement_figure",
+        "agreement_matrix",
+        "erasure_curves_figure",
+        "example_heatmap",
+        "example_scores",
+        "format_score",
+        "mean_erasure_curves",
+        "metrics_figure",
+        "normalised_curves",
+    ),
+    "tokattr.report.html": ("write_report",),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Cost",
+    "MeanCurves",
+    "Run",
+    "agreement_figure",
+    "agreement_matrix",
+    "costs_from_rows",
+    "erasure_curves_figure",
+    "example_heatmap",
+    "example_scores",
+    "format_score",
+    "headline_metrics",
+    "load_run",
+    "mean_erasure_curves",
+    "method_costs",
+    "metrics_figure",
+    "normalised_curves",
+    "write_report",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tokattr.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # loaded once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
