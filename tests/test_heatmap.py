@@ -18,13 +18,8 @@ from tokattr.accuracy import greedy_answers
 from tokattr.cli import main
 from tokattr.cli.heatmap import spread_list_options
 from tokattr.data.arithmetic import with_demonstrations
-from tokattr.plots import (
-    COLORBAR_LABEL,
-    heatmap_matrix,
-    plan_columns,
-    plot_token_heatmap,
-    write_heatmap_csv,
-)
+from tokattr.heatmaps import heatmap_matrix, plan_columns
+from tokattr.plots import COLORBAR_LABEL, plot_token_heatmap, write_heatmap_csv
 
 QUERY = "$16,000/-0.8="
 QUERY_TOKENS = ["▁$", "1", "6", ",", "0", "0", "0", "/", "-", "0", ".", "8", "="]

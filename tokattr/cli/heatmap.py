@@ -58,14 +58,9 @@ def heatmap_command(
         dpi: resolution of the PNG (its pixels are the figure size in inches x dpi).
         out: where to write the PNG; the CSV goes beside it with the suffix .csv.
     """
+    from tokattr.heatmaps import default_target, heatmap_matrix, plan_columns
     from tokattr.models import load_model
-    from tokattr.plots import (
-        default_target,
-        heatmap_matrix,
-        plan_columns,
-        plot_token_heatmap,
-        write_heatmap_csv,
-    )
+    from tokattr.plots import plot_token_heatmap, write_heatmap_csv
 
     given = {
         k: v
