@@ -1,20 +1,19 @@
-"""Prompts and their structure: the arithmetic generator, its tokenizer, token labels."""
+"""Prompts and their structure: the arithmetic generator, its tokenizer, token labels, and
+prompts read from a JSONL file."""
 
 from tokattr.data.arithmetic import (
-    BUCKETS,
-    DEFAULT_MIX,
-    FORMATTED_BUCKETS,
     ROLES,
     ArithmeticGenerator,
     ArithmeticProblem,
-    format_number,
     label_prompt,
     make_problem,
-    read_jsonl,
     solve,
     with_demonstrations,
 )
+from tokattr.data.buckets import BUCKETS, DEFAULT_MIX, FORMATTED_BUCKETS
+from tokattr.data.jsonl import read_jsonl
 from tokattr.data.labels import token_roles
+from tokattr.data.numbers import format_number
 
 __all__ = [
     "BUCKETS",
