@@ -4,11 +4,9 @@
 :class:`ArithDataModule`, then saves the model with ``save_pretrained`` (safetensors), its
 tokenizer, and a model card with greedy exact-match accuracy per bucket on fresh problems.
 
-Training sequences are *chains* of solved problems joined by ``;`` (the data set's
-demonstration separator) and packed up to ``max_len`` tokens:
-``<s> 9+3=12;$16,000/-0.8=-20000;7 x 5 = 35 </s>``. The loss is on every answer token and on
-the token that ends the answer (``;`` or ``</s>``), so each chain teaches several problems,
-teaches the model to stop, and teaches it to answer after demonstrations.
+The training data (packed chains of solved problems) is :mod:`tokattr.lightning.train_data`;
+the exact-match check, the export and the model card are :mod:`tokattr.lightning.export`.
+Their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -18,173 +16,39 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
-from torch.utils.data import DataLoader, IterableDataset
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokattr.data.arithmetic import BUCKETS, DEFAULT_MIX, SEPARATOR, ArithmeticGenerator
+from tokattr.data.arithmetic import SEPARATOR
 from tokattr.data.tokenizer import build_tokenizer
+from tokattr.lightning.export import exact_match, export, write_model_card
+from tokattr.lightning.train_data import (
+    IGNORE,
+    ArithDataModule,
+    Chain,
+    ChainStream,
+    collate,
+    encode_chain,
+)
 
-IGNORE = -100  # label value the loss skips
-
-
-@dataclass(frozen=True)
-class Chain:
-    """A training text and the character spans ``[start, end)`` whose tokens are predicted."""
-
-    text: str
-    answer_spans: tuple[tuple[int, int], ...]
-
-
-def encode_chain(chain: Chain, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """Token ids (``<s>`` … ``</s>``) and labels: the id where predicted, else ``-100``.
-
-    A token is predicted when it starts inside an answer span, or it is the ``;`` right after
-    one, or it is the final ``</s>``.
-    """
-    enc = tokenizer(chain.text, return_offsets_mapping=True)
-    ids = [*enc["input_ids"], tokenizer.eos_token_id]
-    offsets = [*enc["offset_mapping"], (len(chain.text), len(chain.text))]
-    ends = {end for _, end in chain.answer_spans}
-    labels = []
-    for pos, (tid, (s, e)) in enumerate(zip(ids, offsets, strict=True)):
-        in_answer = any(a <= s < b for a, b in chain.answer_spans) and e > s
-        terminator = (s in ends and chain.text[s : s + 1] == SEPARATOR) or pos == len(ids) - 1
-        labels.append(tid if (in_answer or terminator) else IGNORE)
-    return {"input_ids": ids, "labels": labels}
-
-
-class ChainStream(IterableDataset):
-    """Endless seeded stream of packed chains (``input_ids``, ``labels``).
-
-    Problem ``i`` comes from ``ArithmeticGenerator(seed, mix).problem(i)``; chains are filled
-    greedily up to ``max_len`` tokens (at least one problem each).
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        seed: int,
-        mix: Mapping[str, float],
-        max_len: int,
-        max_problems: int = 8,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.generator = ArithmeticGenerator(seed=seed, mix=mix)
-        self.max_len = max_len
-        self.max_problems = max_problems
-        self.next_index = 0
-
-    def chains(self) -> Iterator[Chain]:
-        index = 0
-        # Characters bound tokens from above: one token per char, plus <s>, a metaspace, </s>.
-        budget = self.max_len - 3
-        while True:
-            text, spans = "", []
-            while len(spans) < self.max_problems:
-                p = self.generator.problem(index)
-                piece = p.prompt + p.answer
-                start = len(text) + (1 if text else 0)
-                if spans and start + len(piece) > budget:
-                    break
-                text = f"{text}{SEPARATOR}{piece}" if text else piece
-                spans.append((start + len(p.prompt), start + len(piece)))
-                index += 1
-            self.next_index = index
-            yield Chain(text, tuple(spans))
-
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        for chain in self.chains():
-            yield encode_chain(chain, self.tokenizer)
-
-
-def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row (training and teacher-forced evaluation: positions 0..)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [batch seq]
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # [batch seq]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch seq]
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-class ArithDataModule(L.LightningDataModule):
-    """Seeded arithmetic chains for training; one fixed set per bucket for validation.
-
-    Args:
-        seed: seed of the training stream.
-        val_seed: seed of the validation problems (different from ``seed``).
-        batch_size: chains per training step.
-        max_len: tokens per packed chain.
-        mix: bucket weights of the training stream (default: the generator's mix).
-        val_per_bucket: validation problems per bucket (plus as many with demonstrations).
-    """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        val_seed: int = 1_000_003,
-        batch_size: int = 64,
-        max_len: int = 64,
-        mix: dict[str, float] | None = None,
-        val_per_bucket: int = 200,
-    ) -> None:
-        super().__init__()
-        if seed == val_seed:
-            raise ValueError("seed and val_seed must differ: validation needs fresh problems")
-        if batch_size < 1 or max_len < 16:
-            raise ValueError(
-                f"batch_size must be >= 1 and max_len >= 16, got {batch_size}, {max_len}"
-            )
-        self.save_hyperparameters()
-        self.tokenizer = build_tokenizer()
-        self.mix = dict(mix or DEFAULT_MIX)
-
-    def train_dataloader(self) -> DataLoader:
-        stream = ChainStream(self.tokenizer, self.hparams.seed, self.mix, self.hparams.max_len)
-        self._stream = stream
-        pad = self.tokenizer.pad_token_id
-        return DataLoader(
-            stream, batch_size=self.hparams.batch_size, collate_fn=lambda r: collate(r, pad)
-        )
-
-    @property
-    def problems_seen(self) -> int:
-        """Problems drawn by the training stream so far (all of them are trained on)."""
-        stream = getattr(self, "_stream", None)
-        return stream.next_index if stream is not None else 0
-
-    def val_buckets(self) -> list[str]:
-        return [*BUCKETS, "demonstrations"]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        pad = self.tokenizer.pad_token_id
-        loaders = []
-        for bucket in self.val_buckets():
-            if bucket == "demonstrations":
-                gen = ArithmeticGenerator(self.hparams.val_seed, demonstrations=(1, 4))
-            else:
-                gen = ArithmeticGenerator(self.hparams.val_seed, mix=bucket)
-            rows = []
-            for p in gen.take(self.hparams.val_per_bucket):
-                chain = Chain(
-                    p.prompt + p.answer, ((len(p.prompt), len(p.prompt) + len(p.answer)),)
-                )
-                rows.append(encode_chain(chain, self.tokenizer))
-            loaders.append(
-                DataLoader(rows, batch_size=len(rows), collate_fn=lambda r: collate(r, pad))
-            )
-        return loaders
+__all__ = [
+    "IGNORE",
+    "ArithDataModule",
+    "ArithLM",
+    "Chain",
+    "ChainStream",
+    "TrainCLI",
+    "collate",
+    "encode_chain",
+    "exact_match",
+    "export",
+    "run_training",
+    "write_model_card",
+]
 
 
 class ArithLM(L.LightningModule):
@@ -310,162 +174,6 @@ class ArithLM(L.LightningModule):
             opt, max_lr=self.hparams.lr, total_steps=int(total), pct_start=self.hparams.warmup_pct
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def exact_match(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], stop_ids: Sequence[int] = ()
-) -> torch.Tensor:
-    """Teacher-forced exact match per row: every labelled token is the argmax.
-
-    A labelled stop token (``</s>`` or ``;``) counts as matched when the argmax is any stop
-    token, as greedy decoding stops on either. With the terminator labelled, this equals greedy
-    decoding producing exactly the answer (ties aside), at the cost of one forward pass.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    pred = logits[:, :-1].argmax(-1)  # [batch seq-1]
-    target = batch["labels"][:, 1:]  # [batch seq-1]
-    ok = (pred == target) | (target == IGNORE)
-    if stop_ids:
-        stops = torch.tensor(list(stop_ids), device=pred.device)
-        ok |= torch.isin(target, stops) & torch.isin(pred, stops)
-    return ok.all(dim=1)  # [batch]
-
-
-def export(module: ArithLM, datamodule: ArithDataModule, out_dir: str | Path, info: dict) -> Path:
-    """Save the trained model the Hugging Face way: safetensors weights, config, generation
-    config (stop on ``</s>`` or ``;``), tokenizer, and ``training.json`` (how it was made).
-
-    The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
-    ``AutoTokenizer.from_pretrained`` and no tokattr code.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok = module.model, module.tokenizer
-    sep = tok.convert_tokens_to_ids(SEPARATOR)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=[tok.eos_token_id, sep],
-        pad_token_id=tok.pad_token_id,
-        do_sample=False,
-        max_new_tokens=12,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    # transformers 5 writes its own class name; the portable one loads in 4.x and 5.x alike.
-    tok_cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg.pop("backend", None)
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    stage = {
-        "model": dict(module.hparams),
-        "data": {**dict(datamodule.hparams), "mix": datamodule.mix},
-        **info,
-    }
-    earlier: list[dict] = []
-    init_from = module.hparams.get("init_from")
-    if init_from and (Path(init_from) / "training.json").is_file():
-        earlier = json.loads((Path(init_from) / "training.json").read_text())["stages"]
-    record = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "stages": [*earlier, stage],
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
-
-
-def write_model_card(out_dir: str | Path, rows: list, eval_seed: int) -> None:
-    """``README.md`` in the model folder: architecture, each training stage (command, steps,
-    seeds, data mix, time), and accuracy per bucket."""
-    from tokattr.accuracy import accuracy_markdown
-
-    out = Path(out_dir)
-    rec = json.loads((out / "training.json").read_text())
-    stages = rec["stages"]
-    m = stages[-1]["model"]
-    buckets = list(dict.fromkeys(k for st in stages for k in st["data"]["mix"]))
-    head = " | ".join(f"stage {i + 1}" for i in range(len(stages)))
-    mix_rows = "\n".join(
-        f"| {b} | " + " | ".join(f"{st['data']['mix'].get(b, 0):.2f}" for st in stages) + " |"
-        for b in buckets
-    )
-    stage_text = []
-    for i, st in enumerate(stages, start=1):
-        d, sm = st["data"], st["model"]
-        stage_text.append(
-            f"""{i}. `{st["command"]}`: {st["steps"]} steps of {d["batch_size"]} packed chains of up
-   to {d["max_len"]} tokens ({st["problems_seen"]:,} problems), seed {st["seed"]} (data stream
-   seed {d["seed"]}); AdamW (weight decay {sm["weight_decay"]}), one-cycle schedule peaking at
-   {sm["lr"]}; {st["train_minutes"]:.1f} min wall on {st["machine"]}; final training loss
-   {st["final_loss"]:.4f} (mean of the last 50 steps)."""
-        )
-    total = sum(st["train_minutes"] for st in stages)
-    steps = "\n".join(stage_text)
-    card = f"""# arith-tiny
-
-A small `LlamaForCausalLM` ({rec["parameters"] / 1e6:.2f}M parameters: hidden size
-{m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, MLP {m["intermediate_size"]},
-context {m["max_position_embeddings"]}) trained by tokattr on its arithmetic generator, the
-reference model of the tokattr benchmark. Load it with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, or
-`tokattr.load_model("arith-tiny")`.
-
-## Training
-
-Lightning, on CPU; loss on answer tokens and on the token that ends them (`;` or `</s>`)
-only. Each training sequence chains several solved problems with `;`, so every problem after
-the first is also a query after demonstrations. Stages, each continuing from the one before:
-
-{steps}
-
-Total training wall time: {total:.1f} minutes.
-
-Data mix (weights of the query buckets):
-
-| bucket | {head} |
-|---|{"---:|" * len(stages)}
-{mix_rows}
-
-## Accuracy
-
-Greedy exact match on fresh problems (generator seed {eval_seed}, never used in training),
-measured with `tokattr eval-model --model arith-tiny`. Small buckets have few distinct
-problems (two 2-digit multiplications: 8,100), so most of those also occur in training.
-
-{accuracy_markdown(rows)}
-
-{_shortfall_text(rows, stages)}
-## Limits
-
-Trained only on the generator's formats: integers up to 3 digits (4 with `$` amounts),
-one-decimal operands, negative operands, `$A/-0.B=`. Anything else is out of distribution.
-Most remaining errors are carries and borrows in the tens or hundreds digit of `+` and `-`,
-the answer being written most-significant digit first.
-"""
-    (out / "README.md").write_text(card)
-
-
-def _shortfall_text(rows: list, stages: list[dict]) -> str:
-    """A paragraph naming every bar the model misses, with each stage's figure for it."""
-    from tokattr.accuracy import BARS
-
-    missed = [r for r in rows if r.bucket in BARS and r.accuracy < BARS[r.bucket]]
-    if not missed:
-        return ""
-    lines = []
-    for r in missed:
-        history = ", ".join(
-            f"stage {i} {st['accuracy'][r.bucket]:.1%}"
-            for i, st in enumerate(stages, start=1)
-            if r.bucket in st.get("accuracy", {})
-        )
-        lines.append(f"- `{r.bucket}`: {r.accuracy:.1%}, bar {BARS[r.bucket]:.0%} ({history}).")
-    return (
-        "\n**Bars not met** (the training budget, about an hour on 2 CPU cores, is spent):\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
 
 
 class TrainCLI(LightningCLI):
