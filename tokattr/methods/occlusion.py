@@ -5,7 +5,7 @@ from __future__ import annotations
 import captum.attr
 import torch
 
-from tokattr.engine.loo import leave_one_out
+from tokattr.engine import loo  # a module, not its names: loo imports this package
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
 
 
@@ -68,7 +68,7 @@ class Occlusion(Method):
         return self._windows(problem)
 
     def _single_tokens(self, problem: AttributionProblem) -> MethodOutput:
-        fx, drops = leave_one_out(problem, share_prefixes=self.prefix_reuse)
+        fx, drops = loo.leave_one_out(problem, share_prefixes=self.prefix_reuse)
         return MethodOutput(problem.scatter(drops), fx=fx)
 
     def _windows(self, problem: AttributionProblem) -> MethodOutput:
