@@ -126,14 +126,13 @@ def test_a_nan_example_is_an_error_row_and_a_rerun_keeps_it(nan_model, tmp_path)
 def test_a_scored_row_replaces_an_error_row_of_the_same_pair(tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
-    (parts / "rank0.jsonl").write_text(
-        json.dumps({"example_id": "a", "method": "m", "error": "x"}) + "\n"
-    )
+    row = {"example_id": "a", "method": "m", "prompt": "1+1=", "answer": "2"}
+    (parts / "rank0.jsonl").write_text(json.dumps(row | {"error": "x"}) + "\n")
     (parts / "rank1.jsonl").write_text(
-        json.dumps({"example_id": "a", "method": "m", "scores": [1.0]}) + "\n"
-        + json.dumps({"example_id": "a", "method": "m", "error": "y"}) + "\n"
+        json.dumps(row | {"scores": [1.0]}) + "\n"
+        + json.dumps(row | {"error": "y"}) + "\n"
     )  # fmt: skip
-    assert read_parts(tmp_path)[("a", "m")]["scores"] == [1.0]
+    assert read_parts(tmp_path)[("a", "m")].scores == [1.0]
 
 
 @pytest.mark.parametrize(("n_batches", "world"), [(1, 2), (1, 4), (3, 2), (5, 3), (0, 2)])

@@ -29,32 +29,8 @@ from typing import Any
 
 import torch
 
+from tokattr.rows import ResultRow, RunIdentity
 from tokattr.table import EvaluationTable, table_from_values
-
-ROW_FIELDS = (
-    "example_id",
-    "method",
-    "prompt",
-    "answer",
-    "tokens",
-    "scores",
-    "labels",
-    "time_ms",
-    "model_evals",
-)
-"""Every row has these keys (plus ``metrics``: ``{name: value or [value per k]}``, and
-``error`` when the method could not score the example)."""
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: NaN (a metric undefined for an example) is written as null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
 
 
 class RowWriter:
@@ -67,14 +43,23 @@ class RowWriter:
         _cut_partial_line(self.path)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
+    def write(self, rows: Iterable[ResultRow | Mapping[str, Any]]) -> None:
+        """Append ``rows`` (a mapping is checked as a :class:`ResultRow` first)."""
         for row in rows:
-            self._file.write(json.dumps(_clean(dict(row)), ensure_ascii=False) + "\n")
+            if not isinstance(row, ResultRow):
+                row = ResultRow.from_json(dict(row))
+            self._file.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -87,32 +72,39 @@ def _cut_partial_line(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The complete rows of one JSONL file (a partial or corrupt line is skipped)."""
+def iter_rows(path: str | Path) -> Iterator[ResultRow]:
+    """The complete rows of one JSONL file (a partial or corrupt line is skipped).
+
+    Raises:
+        ValueError: a line that is JSON but not a result row (``file:line`` named).
+    """
     with Path(path).open(encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 return  # the partial last line of a killed run
             try:
-                yield json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            try:
+                yield ResultRow.from_json(data)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
 
 
 def part_files(out_dir: str | Path) -> list[Path]:
     return sorted((Path(out_dir) / "parts").glob("rank*.jsonl"))
 
 
-def read_parts(out_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
+def read_parts(out_dir: str | Path) -> dict[tuple[str, str], ResultRow]:
     """Every complete row written so far, by ``(example_id, method)``: the first one, except
     that a scored row replaces an error row (one retried with ``--retry_errors``)."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str], ResultRow] = {}
     for path in part_files(out_dir):
         for row in iter_rows(path):
-            key = (str(row["example_id"]), row["method"])
-            old = rows.get(key)
-            if old is None or (old.get("error") and not row.get("error")):
-                rows[key] = row
+            old = rows.get(row.key)
+            if old is None or (not old.ok and row.ok):
+                rows[row.key] = row
     return rows
 
 
@@ -185,18 +177,17 @@ class OutDirLock:
         self.release()
 
 
-def check_run(out_dir: str | Path, identity: Mapping[str, Any], overwrite: bool) -> None:
+def check_run(out_dir: str | Path, identity: RunIdentity, overwrite: bool) -> None:
     """Refuse an ``out_dir`` that holds results of a different run (unless ``overwrite``, which
     deletes them); record ``identity`` for the next resume."""
     out = Path(out_dir)
     run_file = out / "run.json"
-    identity = json.loads(json.dumps(identity))  # normalise tuples etc.
     if run_file.exists() and not overwrite:
-        previous = json.loads(run_file.read_text())
-        if previous != identity:
-            changed = sorted(
-                k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k)
-            )
+        try:
+            changed = identity.changed(RunIdentity.from_json(json.loads(run_file.read_text())))
+        except ValueError as e:
+            changed = [f"run.json ({e})"]
+        if changed:
             raise ValueError(
                 f"{out} holds results of a different run (changed: {', '.join(changed)}); "
                 "use another --out_dir, or --overwrite to discard them"
@@ -205,7 +196,7 @@ def check_run(out_dir: str | Path, identity: Mapping[str, Any], overwrite: bool)
         for path in [*part_files(out), *(out / n for n in OUTPUTS)]:
             path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+    run_file.write_text(json.dumps(identity.to_json(), indent=1, sort_keys=True) + "\n")
 
 
 OUTPUTS = ("attributions.jsonl", "metrics.csv", "summary.md")
@@ -236,13 +227,13 @@ def merge(
     tmp = out / "attributions.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:
         for row in ordered:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
     tmp.replace(out / "attributions.jsonl")
 
     values: dict[tuple[str, str], list[torch.Tensor]] = {}
     for m in methods:
         for e in example_ids:
-            for name, v in rows[(e, m)].get("metrics", {}).items():
+            for name, v in rows[(e, m)].metrics.items():
                 per_k = isinstance(v, list)  # one value per token fraction -> a row of [n, K]
                 t = torch.tensor(
                     [math.nan if x is None else x for x in (v if per_k else [v])],
@@ -257,21 +248,21 @@ def merge(
     return table
 
 
-def error_summary(rows: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+def error_summary(rows: Sequence[ResultRow], limit: int = 5) -> str:
     """A few lines on the error rows (which example, which method, why), or ``""``."""
-    errors = [r for r in rows if r.get("error")]
+    errors = [r for r in rows if not r.ok]
     if not errors:
         return ""
     lines = [f"{len(errors)} (example, method) pairs have no scores (error rows):"]
     for r in errors[:limit]:
-        lines.append(f"- {r['example_id']} / {r['method']}: {r['error']}")
+        lines.append(f"- {r.example_id} / {r.method}: {r.error}")
     if len(errors) > limit:
         lines.append(f"- … and {len(errors) - limit} more (see attributions.jsonl, 'error')")
     lines.append("A rerun keeps them; add --retry_errors true to compute them again.")
     return "\n".join(lines)
 
 
-def cost_markdown(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
+def cost_markdown(rows: Sequence[ResultRow], methods: Sequence[str]) -> str:
     """Per method: examples scored, errors, attribution time and model evaluations (the
     method's own cost; the metrics' model calls are not counted)."""
     lines = [
@@ -279,11 +270,11 @@ def cost_markdown(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        scored = [r for r in mine if not r.get("error")]
+        mine = [r for r in rows if r.method == m]
+        scored = [r for r in mine if r.ok]
         n = max(len(scored), 1)
-        total = sum(r["time_ms"] for r in scored)
-        evals = sum(r["model_evals"] for r in scored)
+        total = sum(r.time_ms for r in scored)
+        evals = sum(r.model_evals for r in scored)
         lines.append(
             f"| {m} | {len(scored)} | {len(mine) - len(scored)} | {total / 1000:.1f} | "
             f"{total / n:.1f} | {evals / n:.0f} |"

@@ -47,6 +47,18 @@ def build_method(method: str, params: Mapping[str, object]) -> Method:
     return METHODS[method](**dict(params))
 
 
+def known_methods(names: Sequence[str]) -> list[str]:
+    """``names`` as a list, every one a method of :data:`tokattr.methods.METHODS`.
+
+    Raises:
+        ValueError: unknown method(s), all named, with the known ones.
+    """
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    return list(names)
+
+
 def method_specs(
     methods: str | Sequence[str] | Mapping[str, Mapping[str, object] | None],
 ) -> dict[str, dict[str, object]]:
@@ -61,6 +73,7 @@ def method_specs(
     )
     if not specs:
         raise ValueError("no methods given")
+    known_methods(list(specs))
     for name, params in specs.items():
         build_method(name, params)
     return specs

@@ -36,7 +36,6 @@ from tokattr.lightning.runner import (
     done_pairs,
     finished_examples,
 )
-from tokattr.methods import METHODS
 from tokattr.results import (
     OutDirLock,
     check_run,
@@ -45,6 +44,8 @@ from tokattr.results import (
     iter_rows,
     merge,
 )
+from tokattr.rows import ResultRow, RunIdentity
+from tokattr.validation import known_methods
 
 
 class BenchCLI(LightningCLI):
@@ -114,9 +115,7 @@ class BenchCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         if cfg.methods is not None:
-            unknown = sorted(set(cfg.methods) - set(METHODS))
-            if unknown:
-                raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            known_methods(cfg.methods)
             configured = cfg.model.methods or {}
             cfg.model.methods = {m: dict(configured.get(m) or {}) for m in cfg.methods}
         if cfg.max_examples is not None:
@@ -230,19 +229,19 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     methods = list(module.methods)
     from tokattr.models import fingerprint
 
-    identity = {
-        "model": module.model_name,
-        "weights": fingerprint(module.lm),
-        "dtype": str(cfg.model.dtype),
-        "examples": [[e["example_id"], e["prompt"], e["answer"]] for e in examples],
-        "methods": module.methods,
-        "metrics": module.metric_names,
-        "metric_params": module.metric_params,
-        "baseline": module.baseline,
-        "target_fn": module.target_fn,
-        "shapley_max_tokens": module.shapley_max_tokens,
-        "randomization_seed": module.randomization_seed,
-    }
+    identity = RunIdentity(
+        model=module.model_name,
+        weights=fingerprint(module.lm),
+        dtype=str(cfg.model.dtype),
+        examples=[[e["example_id"], e["prompt"], e["answer"]] for e in examples],
+        methods=module.methods,
+        metrics=module.metric_names,
+        metric_params=module.metric_params,
+        baseline=module.baseline,
+        target_fn=module.target_fn,
+        shapley_max_tokens=module.shapley_max_tokens,
+        randomization_seed=module.randomization_seed,
+    )
     if _is_rank_zero():
         check_run(out_dir, identity, cfg.overwrite)
         (out_dir / "config.yaml").write_text(cli.parser.dump(cfg, skip_none=False))
@@ -263,9 +262,13 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     start = time.perf_counter()
     if todo:
         trainer.predict(module, datamodule=data, return_predictions=False)
+        # Every rank's rows are flushed and synced per batch: once all ranks are here, the
+        # part files are complete.
+        trainer.strategy.barrier("tokattr-merge")
     if not trainer.is_global_zero:
         return 0
-    table = _merge_when_complete(out_dir, examples, methods, module, cfg.n_bootstrap)
+    ids = [e["example_id"] for e in examples]
+    table = merge(out_dir, ids, methods, module.metric_params, cfg.n_bootstrap)
     print(table.to_markdown())
     print()
     rows = _rows_in_order(out_dir)
@@ -282,20 +285,7 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     return 0
 
 
-def _merge_when_complete(out_dir, examples, methods, module, n_bootstrap, wait_s: float = 120):
-    """Merge once every rank's rows are on disk (other ranks may still be flushing)."""
-    ids = [e["example_id"] for e in examples]
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return merge(out_dir, ids, methods, module.metric_params, n_bootstrap)
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-def _rows_in_order(out_dir: Path) -> list[dict[str, Any]]:
+def _rows_in_order(out_dir: Path) -> list[ResultRow]:
     return list(iter_rows(out_dir / "attributions.jsonl"))
 
 

@@ -37,6 +37,7 @@ from tokattr.metrics import ExactShapleyCache, applies
 from tokattr.models import load_model, reinitialised
 from tokattr.problems import DEFAULT_BATCH_SIZE
 from tokattr.results import RowWriter, read_parts
+from tokattr.rows import ResultRow
 from tokattr.validation import check_baseline, method_specs, metric_names
 
 
@@ -220,9 +221,12 @@ class AttributionModule(pl.LightningModule):
         )
         self.random_net = None if self.random_lm is None else self.random_lm.model
         self.done: set[tuple[str, str]] = set()  # (example_id, method) pairs already on disk
+        # A rank may have no batch left (fewer batches than ranks, or a resume): it runs none
+        # and waits at the merge barrier, where Lightning would otherwise stop it.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[ResultRow]:
+        rows: list[ResultRow] = []
         answers, failed = self._answers(batch)
         exact = ExactShapleyCache(self.shapley_max_tokens)  # shared by the SHAP estimators
         for method, params in self.methods.items():
@@ -232,7 +236,7 @@ class AttributionModule(pl.LightningModule):
             # The whole batch, so each example keeps its batch-mates (and its numbers); only
             # the rows not on disk yet are written.
             new = self._score(method, params or {}, batch, answers, failed, exact)
-            rows += [r for r in new if r["example_id"] in missing]
+            rows += [r for r in new if r.example_id in missing]
         return rows
 
     def _answers(self, batch: list[dict[str, Any]]) -> tuple[list[Any], dict[int, str]]:
@@ -310,42 +314,35 @@ class AttributionModule(pl.LightningModule):
                 else None
             )
             rows.append(
-                {
-                    "example_id": e["example_id"],
-                    "method": method,
-                    "prompt": e["prompt"],
-                    "answer": attr.target,
-                    "answer_ids": attr.answer_ids,
-                    "tokens": attr.tokens,
-                    "scores": attr.scores.tolist(),
-                    "labels": labels,
-                    "time_ms": attr.time_ms,
-                    "model_evals": attr.model_evals,
-                    "metrics": {n: v[j].tolist() for n, v in scored.values.items()},
-                    "curves": None if scored.curves is None else scored.curves[j],
-                }
+                ResultRow(
+                    example_id=e["example_id"],
+                    method=method,
+                    prompt=e["prompt"],
+                    answer=attr.target,
+                    answer_ids=attr.answer_ids,
+                    tokens=attr.tokens,
+                    scores=attr.scores.tolist(),
+                    labels=labels,
+                    time_ms=attr.time_ms,
+                    model_evals=attr.model_evals,
+                    metrics={n: v[j].tolist() for n, v in scored.values.items()},
+                    curves=None if scored.curves is None else scored.curves[j],
+                )
             )
         return rows
 
-    def _error_row(self, e, answer, method, err) -> dict[str, Any]:
+    def _error_row(self, e, answer, method, err) -> ResultRow:
         """A row with no scores, and the reason (``error``), written like any other row so a
         rerun keeps it (``--retry_errors`` computes it again)."""
         text = answer if answer is None or isinstance(answer, str) else answer_text(self.lm, answer)
-        return {
-            "example_id": e["example_id"],
-            "method": method,
-            "prompt": e["prompt"],
-            "answer": text,
-            "answer_ids": None if text is answer else list(answer),
-            "tokens": None,
-            "scores": None,
-            "labels": None,
-            "time_ms": 0.0,
-            "model_evals": 0,
-            "metrics": {},
-            "curves": None,
-            "error": str(err),
-        }
+        return ResultRow(
+            example_id=e["example_id"],
+            method=method,
+            prompt=e["prompt"],
+            answer=text,
+            answer_ids=None if text is answer else list(answer),
+            error=str(err),
+        )
 
 
 def _n_features(enc) -> int:
@@ -395,7 +392,7 @@ def done_pairs(out_dir: str | Path, keep_errors: bool = True) -> set[tuple[str, 
     """The (example_id, method) pairs already written in ``out_dir``; ``keep_errors=False``
     leaves out the error rows (to compute them again)."""
     rows = read_parts(out_dir)
-    return {k for k, r in rows.items() if keep_errors or not r.get("error")}
+    return {k for k, r in rows.items() if keep_errors or r.ok}
 
 
 def finished_examples(
