@@ -14,7 +14,7 @@ import tokattr
 from tokattr import evaluation
 from tokattr.batching import collate, encode_example
 from tokattr.data.arithmetic import ArithmeticGenerator
-from tokattr.metrics import METRICS
+from tokattr.metrics import METRICS, MetricInputs, PerExampleMetric
 from tokattr.metrics import functional as F
 from tokattr.problems import batch_problem
 from tokattr.table import bootstrap_interval
@@ -199,3 +199,32 @@ def test_bad_input_fails_before_any_work(monkeypatch, arith, kwargs, message):
     args = dict(prompts=["12+3=", "9-4="], answers=["15", "5"], progress=False) | kwargs
     with pytest.raises(ValueError, match=message):
         tokattr.evaluate(arith, **args)
+
+
+class _TopShare(PerExampleMetric):
+    """A metric defined outside tokattr: the share of |score| on the top token, over the
+    problem's features, and (to need something) the leave-one-out drops' sum."""
+
+    higher_is_better = True
+    name = "top_share"
+    needs = frozenset({"method"})
+    applies_to = frozenset({"occlusion"})
+
+    def per_batch(self, inputs: MetricInputs) -> torch.Tensor:
+        assert inputs.need("method", self.name) is not None
+        s = inputs.scores.abs().double().cpu()
+        return s.max(-1).values / s.sum(-1)
+
+
+def test_a_new_metric_is_one_class_and_one_registry_line(monkeypatch, arith):
+    """What docs/ARCHITECTURE.md promises: nothing in evaluation knows the metric's name."""
+    monkeypatch.setitem(METRICS, "top_share", _TopShare)
+    prompts = ["12+3=", "9-4=", "$1,000+2="]
+    table = tokattr.evaluate(
+        arith, prompts, methods=["occlusion", "random"], metrics=["top_share"], progress=False
+    )
+    occ = tokattr.attribute(arith, prompts, "occlusion")
+    want = torch.tensor([float(a.scores.abs().max() / a.scores.abs().sum()) for a in occ])
+    torch.testing.assert_close(table.values[("occlusion", "top_share", "")].float(), want)
+    assert ("random", "top_share", "") not in table.values  # applies_to is honoured
+    assert table.get("occlusion", "top_share").higher_is_better
