@@ -115,8 +115,8 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     """Occlusion's packed trees (a prompt with its perturbations in one sequence): a pass holds
     no more than the memory of the budget's full sequences, by the same estimate; a packed pass
     that runs out of memory is split, and the scores stay the same."""
-    from tokattr.memory import packed_rows_per_pass
     from tokattr.engine import loo as occlusion
+    from tokattr.memory import packed_rows_per_pass
 
     lm = tiny_lm("llama")
     shape = ModelShape.of(lm.model)

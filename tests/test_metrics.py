@@ -369,8 +369,9 @@ def _class_cases(problem, scores, scores2, labels):
     mask = problem.feature_mask
     method = _Linear()
     # One inputs object for every metric: the contract of update().
-    inputs = MetricInputs(problem, scores, method=method, labels=labels, exact_shapley=scores2,
-                          random_scores=scores2)
+    inputs = MetricInputs(
+        problem, scores, method=method, labels=labels, exact_shapley=scores2, random_scores=scores2
+    )
     return {
         "comprehensiveness": (lambda: Comprehensiveness(), inputs,
                               lambda: F.comprehensiveness(problem, scores)),
@@ -445,10 +446,10 @@ def test_a_metric_missing_what_it_needs_says_which():
 
 
 def test_what_a_metric_applies_to_is_declared_on_its_class():
-    assert APPLIES_TO == {
+    assert {
         "completeness_error": frozenset({"integrated_gradients"}),
         "shapley_error": frozenset({"kernel_shap", "shapley_sampling"}),
-    }
+    } == APPLIES_TO
     assert applies("shapley_error", "kernel_shap") and not applies("shapley_error", "occlusion")
     assert applies("deletion_auc", "anything")
 
