@@ -28,10 +28,10 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from tokattr.lightning.prompts import PromptDataModule
 from tokattr.lightning.runner import (
     AttributionModule,
     ExamplesPerSecond,
-    PromptDataModule,
     ResultWriter,
     done_pairs,
     finished_examples,

@@ -1,11 +1,8 @@
 """The benchmark runner (Lightning layer): every method and metric over a prompt set, sharded
 over processes, each (example, method) pair computed once, results written as produced.
 
-- :class:`PromptDataModule` — the examples (arithmetic generator settings or a JSONL file),
-  minus those already finished in ``out_dir``, dealt out to the ranks as whole batches
-  (rank ``r`` of ``N`` takes batches ``r, r + N, …``; a rank may get none), so no example is
-  computed twice whatever the number of ranks and batches left (Lightning's own samplers
-  repeat examples under ``trainer.test`` and refuse a rank with nothing to do).
+- :class:`~tokattr.lightning.prompts.PromptDataModule` — the examples, in fixed batches,
+  dealt out to the ranks (:mod:`tokattr.lightning.prompts`).
 - :class:`AttributionModule` — the model; ``predict_step`` runs every method and metric on a
   batch (:func:`tokattr.evaluation.score_batch`) and returns rows.
 - :class:`ResultWriter` — appends each batch's rows to ``out_dir/parts/rank{r}.jsonl``.
@@ -25,13 +22,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import DataLoader, DistributedSampler
 
 from tokattr.answers import answer_text
 from tokattr.batching import encode_example, quote
-from tokattr.data.arithmetic import DEFAULT_MIX, ArithmeticGenerator, read_jsonl
 from tokattr.data.labels import token_roles
 from tokattr.evaluation import needs_random_model, score_batch
+from tokattr.lightning.prompts import PromptDataModule
 from tokattr.methods import METHODS
 from tokattr.metrics import ExactShapleyCache, applies
 from tokattr.models import load_model, reinitialised
@@ -45,130 +41,6 @@ def example_seed(example_id: str) -> int:
     """The seed of an example's random draws: a stable hash of its id (CRC-32), the same on
     every rank and in every run."""
     return zlib.crc32(str(example_id).encode())
-
-
-class PromptDataModule(pl.LightningDataModule):
-    """Prompts for the benchmark: fresh arithmetic problems, or a JSONL file.
-
-    Args:
-        jsonl: a file of ``{"id", "prompt", "answer"}`` lines (``answer`` may be left out for
-            arithmetic prompts); ``None``: the arithmetic generator.
-        seed: the generator's seed (use one not used in training; the bundled model was
-            trained on seeds 0 and 1).
-        n: problems drawn from the generator.
-        mix: bucket -> weight for the generator (default: every bucket).
-        demonstrations: ``[lo, hi]`` solved demonstrations placed before each query.
-        batch_size: examples per batch (per process).
-        max_examples: keep only the first N examples.
-    """
-
-    def __init__(
-        self,
-        jsonl: str | None = None,
-        seed: int = 4242,
-        n: int = 100,
-        mix: dict[str, float] | None = None,
-        demonstrations: tuple[int, int] = (0, 0),
-        batch_size: int = 16,
-        max_examples: int | None = None,
-    ) -> None:
-        super().__init__()
-        if n < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
-            raise ValueError(
-                f"data: n, batch_size and max_examples must be >= 1, got n={n}, "
-                f"batch_size={batch_size}, max_examples={max_examples}"
-            )
-        self.jsonl, self.seed, self.n = jsonl, seed, n
-        self.mix = dict(mix) if mix is not None else dict(DEFAULT_MIX)
-        self.demonstrations = tuple(demonstrations)
-        self.batch_size, self.max_examples = batch_size, max_examples
-        self.skip: set[str] = set()  # example ids already finished for every method
-        self._examples: list[dict[str, Any]] | None = None
-
-    def examples(self) -> list[dict[str, Any]]:
-        """Every example of the data set: ``{"example_id", "prompt", "answer"}``.
-
-        Raises:
-            FileNotFoundError: the JSONL file does not exist.
-            ValueError: the data set is empty, or a line is malformed.
-        """
-        if self._examples is None:
-            if self.jsonl is not None:
-                if not Path(self.jsonl).is_file():
-                    raise FileNotFoundError(f"data.jsonl: no such file: {self.jsonl}")
-                problems = read_jsonl(self.jsonl)
-            else:
-                gen = ArithmeticGenerator(
-                    seed=self.seed, mix=self.mix, demonstrations=self.demonstrations
-                )
-                problems = [gen.problem(i) for i in range(self.n)]
-            if self.max_examples is not None:
-                problems = problems[: self.max_examples]
-            if not problems:
-                raise ValueError(f"the data set is empty ({self.jsonl or 'generator'})")
-            ids = [str(p.id) for p in problems]
-            if len(set(ids)) != len(ids):
-                raise ValueError("example ids must be unique in the data set")
-            where = (
-                [f"{self.jsonl}:{p.line}" for p in problems]
-                if self.jsonl is not None
-                else [f"generator problem {i}" for i in range(len(problems))]
-            )
-            self._examples = [
-                {
-                    "example_id": str(p.id),
-                    "prompt": p.prompt,
-                    "answer": p.answer,
-                    "roles": p.roles,
-                    "where": w,
-                }
-                for p, w in zip(problems, where, strict=True)
-            ]
-        return self._examples
-
-    def chunks(self) -> list[list[dict[str, Any]]]:
-        """The batches, fixed by position in the data set (batch i = examples ``[i*bs,
-        (i+1)*bs)``) whatever the number of processes or what is already done, so that every
-        example is computed in the same company, and gets the same numbers, in a 1-process,
-        an N-process and a resumed run."""
-        ex = self.examples()
-        return [ex[i : i + self.batch_size] for i in range(0, len(ex), self.batch_size)]
-
-    def todo(self) -> list[list[dict[str, Any]]]:
-        """The batches with something left to do."""
-        return [c for c in self.chunks() if any(e["example_id"] not in self.skip for e in c)]
-
-    def predict_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        todo = self.todo()
-        return DataLoader(
-            todo,
-            batch_size=None,
-            sampler=RankShard(todo, world, rank),
-            collate_fn=_as_is,
-        )
-
-
-class RankShard(DistributedSampler):
-    """Rank ``rank`` of ``num_replicas`` takes items ``rank, rank + num_replicas, …``: every
-    item once over all ranks, none repeated, and a rank with nothing left gets no item (where
-    Lightning's unrepeated sampler asserts). A :class:`DistributedSampler`, so Lightning keeps
-    it instead of inserting its own."""
-
-    def __init__(self, dataset: Sequence[Any], num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _as_is(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return batch
 
 
 class AttributionModule(pl.LightningModule):
