@@ -140,7 +140,7 @@ def test_load_run(run_dir: Path) -> None:
     assert run.methods == tuple(METHODS)
     assert run.example_ids == tuple(EXAMPLES)
     assert len(run.rows) == 9 and not run.errors()
-    assert run.row("e1", "random")["scores"] == pytest.approx(_scores("e1", "random"))
+    assert run.row("e1", "random").scores == pytest.approx(_scores("e1", "random"))
     assert run.row("e9", "random") is None
     assert run.info["model"] == "arith-tiny"
     assert run.config["data"]["seed"] == 4242

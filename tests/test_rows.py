@@ -12,6 +12,7 @@ import pytest
 
 from tokattr.results import RowWriter, check_run, iter_rows
 from tokattr.rows import ResultRow, RunIdentity
+from tokattr.table import EvaluationTable, MetricRow
 
 ROW = ResultRow(
     example_id="e1",
@@ -83,5 +84,26 @@ def test_reading_rows_imports_no_model_code(tmp_path):
         f"rows = list(iter_rows({str(tmp_path / 'rows.jsonl')!r})); assert rows[0].ok; "
         "bad = [m for m in ('transformers', 'captum', 'torchmetrics', 'tokattr.attribution', "
         "'tokattr.methods', 'lightning', 'wandb') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reading_a_finished_run_and_its_report_numbers_imports_no_model_code(tmp_path):
+    with RowWriter(tmp_path / "attributions.jsonl") as w:
+        w.write([ROW, ResultRow("e1", "random", "12+3=", "15", error="why")])
+    EvaluationTable(
+        rows=[MetricRow("occlusion", "deletion_auc", "", 0.25, 0.1, 0.4, False, 1)],
+        values={},
+        attributions={},
+    ).to_csv(tmp_path / "metrics.csv")
+    code = (
+        "import sys; from tokattr.report import load_run, method_costs, mean_erasure_curves; "
+        f"run = load_run({str(tmp_path)!r}); c = method_costs(run); "
+        "assert [x.examples for x in c] == [1, 0] and [x.errors for x in c] == [0, 1], c; "
+        "assert run.errors()[0].error == 'why'; assert 'occlusion' in mean_erasure_curves(run); "
+        "assert run.table.get('occlusion', 'deletion_auc').mean == 0.25; "
+        "bad = [m for m in ('transformers', 'captum', 'torchmetrics', 'tokattr.attribution', "
+        "'tokattr.methods', 'tokattr.metrics.classes', 'lightning', 'wandb') "
+        "if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

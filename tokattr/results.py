@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -262,21 +262,43 @@ def error_summary(rows: Sequence[ResultRow], limit: int = 5) -> str:
     return "\n".join(lines)
 
 
-def cost_markdown(rows: Sequence[ResultRow], methods: Sequence[str]) -> str:
-    """Per method: examples scored, errors, attribution time and model evaluations (the
-    method's own cost; the metrics' model calls are not counted)."""
-    lines = [
-        "| method | examples | errors | time (s) | ms / example | model evals / example |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+class Cost(NamedTuple):
+    """A method's own cost over the run (the metrics' model calls are not counted)."""
+
+    method: str
+    examples: int  # scored
+    errors: int
+    time_s: float  # total attribution time
+    ms_per_example: float
+    evals_per_example: float  # model evaluations
+
+
+def method_costs(rows: Sequence[ResultRow], methods: Sequence[str]) -> list[Cost]:
+    """Per method of ``methods``, in that order: examples scored, errors, time and model
+    evaluations. Error rows count as errors only, not in the means. The one place a method's
+    cost is added up (``summary.md``, the report, W&B)."""
+    out = []
     for m in methods:
         mine = [r for r in rows if r.method == m]
         scored = [r for r in mine if r.ok]
         n = max(len(scored), 1)
-        total = sum(r.time_ms for r in scored)
+        total_ms = sum(r.time_ms for r in scored)
         evals = sum(r.model_evals for r in scored)
-        lines.append(
-            f"| {m} | {len(scored)} | {len(mine) - len(scored)} | {total / 1000:.1f} | "
-            f"{total / n:.1f} | {evals / n:.0f} |"
+        out.append(
+            Cost(m, len(scored), len(mine) - len(scored), total_ms / 1000, total_ms / n, evals / n)
         )
+    return out
+
+
+def cost_markdown(rows: Sequence[ResultRow], methods: Sequence[str]) -> str:
+    """The cost table of :func:`method_costs`, as markdown."""
+    lines = [
+        "| method | examples | errors | time (s) | ms / example | model evals / example |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {c.method} | {c.examples} | {c.errors} | {c.time_s:.1f} | {c.ms_per_example:.1f} | "
+        f"{c.evals_per_example:.0f} |"
+        for c in method_costs(rows, methods)
+    ]
     return "\n".join(lines)

@@ -26,9 +26,11 @@ from tokattr.report import (
     mean_erasure_curves,
     metrics_figure,
 )
+from tokattr.table import CSV_COLUMNS
 
 TOKEN_COLUMNS = ["example_id", "method", "position", "token", "label", "score"]
-SUMMARY_COLUMNS = ["method", "metric", "k", "mean", "ci_low", "ci_high", "higher_is_better"]
+SUMMARY_COLUMNS = [c for c in CSV_COLUMNS if c != "n"]
+"""The columns of ``metrics.csv`` but the example count."""
 
 
 def make_logger(out_dir: str | Path, project: str = "tokattr", online: bool = False) -> WandbLogger:
@@ -64,10 +66,7 @@ def log_run(
     logger.log_table(
         key="metrics",
         columns=SUMMARY_COLUMNS,
-        data=[
-            [r.method, r.metric, r.k, r.mean, r.ci_low, r.ci_high, r.higher_is_better]
-            for r in run.metrics
-        ],
+        data=[[getattr(r, c) for c in SUMMARY_COLUMNS] for r in run.metrics],
     )
     headline = {
         f"{r.method}/{r.metric}": r.mean for r in run.metrics if r.k in ("", "aopc") and r.n > 0
@@ -75,13 +74,11 @@ def log_run(
     logger.log_metrics(headline)
     tokens = []
     for row in run.rows:
-        if row.get("error") or row.get("scores") is None:
+        if not row.ok or row.scores is None:
             continue
-        labels = row.get("labels") or [None] * len(row["tokens"])
-        for pos, (tok, lab, score) in enumerate(
-            zip(row["tokens"], labels, row["scores"], strict=True)
-        ):
-            tokens.append([row["example_id"], row["method"], pos, tok, lab, score])
+        labels = row.labels or [None] * len(row.tokens)
+        for pos, (tok, lab, score) in enumerate(zip(row.tokens, labels, row.scores, strict=True)):
+            tokens.append([row.example_id, row.method, pos, tok, lab, score])
     logger.log_table(key="token_scores", columns=TOKEN_COLUMNS, data=tokens)
     ids = run.example_ids[:max_heatmaps]
     logger.log_image(

@@ -29,16 +29,15 @@ from tokattr.engine import loo
 from tokattr.methods.problem import AttributionProblem, Method
 from tokattr.metrics.ranking import (
     FRACTIONS,
+    GAP_EPS,
     attribution_ranks,
     average_precision,
     kendall_tau,
     normalised_auc,
+    normalised_curve,
     spearman,
     top_k_sizes,
 )
-
-GAP_EPS = 1e-6
-"""Below this ``|f(x) - f(baseline)|`` a normalised curve or a relative error is undefined."""
 
 
 def feature_values(problem: AttributionProblem, scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,11 +126,7 @@ def sufficiency_from_curves(
 
 
 def _normalised(curves: ErasureCurves, curve: Tensor) -> Tensor:
-    fx, fb = curves.deletion[:, 0], curves.insertion[:, 0]
-    gap = fx - fb  # [batch]
-    ok = gap.abs() > GAP_EPS
-    norm = (curve - fb[:, None]) / torch.where(ok, gap, torch.ones_like(gap))[:, None]
-    return torch.where(ok[:, None], norm, torch.full_like(norm, math.nan))
+    return normalised_curve(curve, curves.deletion[:, 0], curves.insertion[:, 0])
 
 
 def deletion_auc_from_curves(curves: ErasureCurves) -> Tensor:

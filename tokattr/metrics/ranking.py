@@ -13,6 +13,20 @@ from torch import Tensor
 FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20, 0.50)
 """ERASER's token fractions k (DeYoung et al., 2020)."""
 
+GAP_EPS = 1e-6
+"""Below this ``|f(x) - f(baseline)|`` a normalised curve or a relative error is undefined."""
+
+
+def normalised_curve(curve: Tensor, fx: Tensor, fb: Tensor) -> Tensor:
+    """``(f - f(baseline)) / (f(x) - f(baseline))`` along each row's curve (1 at the full
+    prompt, 0 at the baseline), the scale of the deletion / insertion AUCs (Petsiuk et al.,
+    2018). ``curve [batch, n]``, ``fx``, ``fb`` ``[batch]``; NaN rows where ``|f(x) -
+    f(baseline)|`` is at most :data:`GAP_EPS` (removing every token changes nothing)."""
+    gap = fx - fb  # [batch]
+    ok = gap.abs() > GAP_EPS
+    norm = (curve - fb[:, None]) / torch.where(ok, gap, torch.ones_like(gap))[:, None]
+    return torch.where(ok[:, None], norm, torch.full_like(norm, math.nan))
+
 
 def top_k_sizes(n: Tensor, fractions: Sequence[float] = FRACTIONS) -> Tensor:
     """Tokens in the top ``k`` of a row with ``n`` tokens: ``ceil(k * n)``, so at least one

@@ -3,15 +3,15 @@
 Post-processing of the files in a run's ``out_dir`` (see :mod:`tokattr.results`): no model,
 no Lightning, no W&B.
 
-- :mod:`~tokattr.report.load`: :func:`load_run` reads the run into a frozen :class:`Run`;
-  :func:`costs_from_rows` is each method's own cost (:func:`method_costs`: of a run).
+- :mod:`~tokattr.report.load`: :func:`load_run` reads the run into a frozen :class:`Run`
+  of :class:`~tokattr.rows.ResultRow`; :func:`method_costs` is each method's own cost.
 - :mod:`~tokattr.report.figures`: :func:`example_heatmap`, :func:`erasure_curves_figure`,
   :func:`agreement_figure`, :func:`metrics_figure` and the numbers behind them.
 - :mod:`~tokattr.report.html`: :func:`write_report`, the PNGs and ``report.html``.
 
 The names below are loaded on first use (PEP 562): reading a run or its costs
-(:mod:`tokattr.report.load`, which :mod:`tokattr.results` uses) does not import matplotlib
-or the metrics, which only the figures need.
+(:mod:`tokattr.report.load`) does not import matplotlib or the metrics, which only the
+figures need.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
         CSV_COLUMNS,
         Cost,
         Run,
-        costs_from_rows,
         headline_metrics,
         load_run,
         method_costs,
@@ -48,7 +47,6 @@ _MODULES = {
         "CSV_COLUMNS",
         "Cost",
         "Run",
-        "costs_from_rows",
         "headline_metrics",
         "load_run",
         "method_costs",
@@ -76,7 +74,6 @@ __all__ = [
     "Run",
     "agreement_figure",
     "agreement_matrix",
-    "costs_from_rows",
     "erasure_curves_figure",
     "example_heatmap",
     "example_scores",

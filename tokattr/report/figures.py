@@ -22,8 +22,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tokattr.metrics.functional import ErasureCurves, _normalised
-from tokattr.metrics.ranking import spearman
+from tokattr.metrics.ranking import normalised_curve, spearman
 from tokattr.plots import COLORBAR_LABEL, COLORMAP, plot_token_heatmap
 from tokattr.report.load import Run, headline_metrics
 
@@ -43,20 +42,20 @@ def example_scores(run: Run, example_id: str) -> tuple[list[str], list[str], np.
     example_id = str(example_id)
     if example_id not in run.example_ids:
         raise KeyError(f"no example {example_id!r} in {run.out_dir}")
-    rows = [r for m in run.methods if (r := run.row(example_id, m)) and r.get("scores")]
+    rows = [r for m in run.methods if (r := run.row(example_id, m)) and r.scores]
     if not rows:
         raise ValueError(f"example {example_id!r}: no method scored it")
-    tokens = rows[0]["tokens"]
+    tokens = rows[0].tokens
     for r in rows[1:]:
-        if r["tokens"] != tokens:
+        if r.tokens != tokens:
             raise ValueError(
-                f"example {example_id!r}: {r['method']} has tokens {r['tokens']}, "
-                f"{rows[0]['method']} has {tokens}"
+                f"example {example_id!r}: {r.method} has tokens {r.tokens}, "
+                f"{rows[0].method} has {tokens}"
             )
-    raw = np.array([r["scores"] for r in rows], dtype=float).T  # [tokens, methods]
+    raw = np.array([r.scores for r in rows], dtype=float).T  # [tokens, methods]
     if not np.isfinite(raw).all():
         raise ValueError(f"example {example_id!r}: non-finite scores")
-    return list(tokens), [r["method"] for r in rows], raw
+    return list(tokens), [r.method for r in rows], raw
 
 
 def example_heatmap(run: Run, example_id: str, *, dpi: int = DPI) -> Figure:
@@ -76,7 +75,7 @@ def example_heatmap(run: Run, example_id: str, *, dpi: int = DPI) -> Figure:
     row = run.row(example_id, methods[0])
     assert row is not None
     title = (
-        f"{example_id}: {_short(row['prompt'])} → {_short(row.get('answer') or '')}\n"
+        f"{example_id}: {_short(row.prompt)} → {_short(row.answer or '')}\n"
         "colour: each column ÷ its max |score|; numbers: raw scores"
     )
     fig = plot_token_heatmap(
@@ -132,16 +131,16 @@ def normalised_curves(
     ``[n + 1] -> [len(x)]`` each.
 
     The normalisation is the deletion / insertion AUC metrics' own
-    (:class:`~tokattr.metrics.functional.ErasureCurves`: f(x) = ``deletion[0]``, f(baseline)
+    (:func:`~tokattr.metrics.ranking.normalised_curve`: f(x) = ``deletion[0]``, f(baseline)
     = ``insertion[0]`` = ``deletion[-1]``), so the figure shows the curves those metrics
     integrate. None where ``|f(x) - f(baseline)|`` is at most
-    :data:`~tokattr.metrics.functional.GAP_EPS` (removing every token changes nothing: no
+    :data:`~tokattr.metrics.ranking.GAP_EPS` (removing every token changes nothing: no
     scale to normalise by).
     """
     d = torch.tensor([deletion], dtype=torch.float64)  # [1, n + 1]
     i = torch.tensor([insertion], dtype=torch.float64)  # [1, n + 1]
-    curves = ErasureCurves(d, i, torch.tensor([d.shape[1] - 1]))
-    norm_d, norm_i = _normalised(curves, d)[0], _normalised(curves, i)[0]  # [n + 1] each
+    fx, fb = d[:, 0], i[:, 0]
+    norm_d, norm_i = normalised_curve(d, fx, fb)[0], normalised_curve(i, fx, fb)[0]  # [n + 1]
     if norm_d.isnan().any():
         return None
     return _resample(norm_d.numpy(), x), _resample(norm_i.numpy(), x)
@@ -164,7 +163,7 @@ def mean_erasure_curves(run: Run, points: int = GRID_POINTS) -> dict[str, MeanCu
     for method in run.methods:
         deletion, insertion = [], []
         for e in run.example_ids:
-            curves = (run.row(e, method) or {}).get("curves")
+            curves = row.curves if (row := run.row(e, method)) else None
             if not curves or len(curves.get("deletion") or []) < 2:
                 continue
             d, i = curves["deletion"], curves.get("insertion") or []
@@ -228,13 +227,13 @@ def agreement_matrix(run: Run) -> tuple[list[str], np.ndarray]:
         ``[methods, methods]`` float64, symmetric.
     """
     methods, ids = list(run.methods), list(run.example_ids)
-    lengths = [len(r["scores"]) for r in run.rows if r.get("scores")]
+    lengths = [len(r.scores) for r in run.rows if r.scores]
     n_max = max(lengths, default=1)
     scores = torch.zeros(len(methods), len(ids), n_max, dtype=torch.float64)
     mask = torch.zeros(len(methods), len(ids), n_max, dtype=torch.bool)
     for i, m in enumerate(methods):
         for b, e in enumerate(ids):
-            s = (run.row(e, m) or {}).get("scores")
+            s = row.scores if (row := run.row(e, m)) else None
             if s:
                 scores[i, b, : len(s)] = torch.tensor(s, dtype=torch.float64)
                 mask[i, b, : len(s)] = True

@@ -233,8 +233,8 @@ def _heatmaps_html(run: Run, figures: Path, max_examples: int) -> str:
         first = next((r for m in run.methods if (r := run.row(e, m))), None)
         assert first is not None
         out.append(
-            f"<h3>{_esc(e)}</h3>\n<p>prompt <code>{_esc(first['prompt'])}</code>, answer "
-            f"<code>{_esc(first.get('answer') or '')}</code></p>"
+            f"<h3>{_esc(e)}</h3>\n<p>prompt <code>{_esc(first.prompt)}</code>, answer "
+            f"<code>{_esc(first.answer or '')}</code></p>"
         )
         try:
             fig = example_heatmap(run, e)
@@ -260,9 +260,7 @@ def _errors_html(run: Run) -> str:
     ]
     body = [
         "<tr>"
-        + "".join(
-            f"<td>{_esc(v)}</td>" for v in (r["example_id"], r["method"], r["prompt"], r["error"])
-        )
+        + "".join(f"<td>{_esc(v)}</td>" for v in (r.example_id, r.method, r.prompt, r.error))
         + "</tr>"
         for r in errors
     ]

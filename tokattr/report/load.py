@@ -2,22 +2,23 @@
 
 :func:`load_run` reads ``attributions.jsonl`` and ``metrics.csv`` (and ``run.json`` /
 ``config.yaml`` when present) into a frozen :class:`Run`; :func:`headline_metrics` picks the
-one-number-per-metric columns; :func:`costs_from_rows` is the one place that adds up a
-method's own cost (time, model evaluations) from result rows, for the report's cost table and
-for ``summary.md``.
+one-number-per-metric columns; :func:`method_costs` a run's cost per method
+(:func:`tokattr.results.method_costs`, shared with ``summary.md``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 
+from tokattr.results import Cost
+from tokattr.results import method_costs as costs_of_rows
+from tokattr.rows import ResultRow
 from tokattr.table import CSV_COLUMNS, EvaluationTable, MetricRow
 
 HEADLINE_K = ("", "aopc")  # one number per metric: plain metrics, and the ERASER AOPC
@@ -34,25 +35,25 @@ class Run:
     """
 
     out_dir: Path
-    rows: tuple[dict[str, Any], ...]
+    rows: tuple[ResultRow, ...]
     metrics: tuple[MetricRow, ...]
     methods: tuple[str, ...]
     example_ids: tuple[str, ...]
     info: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     config_text: str | None = None
-    _by_key: dict[tuple[str, str], dict[str, Any]] = field(init=False, repr=False, compare=False)
+    _by_key: dict[tuple[str, str], ResultRow] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        by_key: dict[tuple[str, str], dict[str, Any]] = {}
+        by_key: dict[tuple[str, str], ResultRow] = {}
         for r in self.rows:
-            key = (str(r["example_id"]), r["method"])
+            key = r.key
             if key in by_key:
                 raise ValueError(f"{self.out_dir}: (example, method) {key} appears twice")
             by_key[key] = r
         object.__setattr__(self, "_by_key", by_key)  # frozen: the index is set once, here
 
-    def row(self, example_id: str, method: str) -> dict[str, Any] | None:
+    def row(self, example_id: str, method: str) -> ResultRow | None:
         """The row of ``(example_id, method)``, or None."""
         return self._by_key.get((str(example_id), method))
 
@@ -62,9 +63,9 @@ class Run:
         values: those stay in ``rows``), for its ``get`` and ``to_markdown``."""
         return EvaluationTable(rows=list(self.metrics), values={}, attributions={})
 
-    def errors(self) -> list[dict[str, Any]]:
+    def errors(self) -> list[ResultRow]:
         """The rows of (example, method) pairs the method could not score."""
-        return [r for r in self.rows if r.get("error")]
+        return [r for r in self.rows if not r.ok]
 
 
 def load_run(out_dir: str | Path) -> Run:
@@ -91,7 +92,7 @@ def load_run(out_dir: str | Path) -> Run:
             )
     rows = _read_rows(out / "attributions.jsonl")
     metrics = _read_metrics(out / "metrics.csv")
-    methods = dict.fromkeys(r["method"] for r in rows)
+    methods = dict.fromkeys(r.method for r in rows)
     methods.update(dict.fromkeys(m.method for m in metrics))  # a method with no rows left
     config_file, info_file = out / "config.yaml", out / "run.json"
     config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
@@ -100,14 +101,14 @@ def load_run(out_dir: str | Path) -> Run:
         rows=tuple(rows),
         metrics=tuple(metrics),
         methods=tuple(methods),
-        example_ids=tuple(dict.fromkeys(str(r["example_id"]) for r in rows)),
+        example_ids=tuple(dict.fromkeys(r.example_id for r in rows)),
         info=json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else None,
         config=yaml.safe_load(config_text) if config_text is not None else None,
         config_text=config_text,
     )
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path) -> list[ResultRow]:
     # The merged file is written whole and renamed into place, so a bad line is an error here
     # (unlike the part files, where a killed run may leave one).
     rows = []
@@ -116,9 +117,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(ResultRow.from_json(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {i}: not JSON ({e})") from e
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}, line {i}: {e}") from e
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
@@ -140,34 +143,6 @@ def headline_metrics(run: Run) -> list[tuple[str, str, bool]]:
     )
 
 
-class Cost(NamedTuple):
-    """A method's own cost over the run (the metrics' model calls are not counted)."""
-
-    method: str
-    examples: int  # scored
-    errors: int
-    time_s: float  # total attribution time
-    ms_per_example: float
-    evals_per_example: float  # model evaluations
-
-
-def costs_from_rows(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[Cost]:
-    """Per method of ``methods``, in that order: examples scored, errors, time and model
-    evaluations, from result rows (dicts with ``method``, ``time_ms``, ``model_evals`` and
-    ``error`` where the method failed). Error rows count as errors only, not in the means."""
-    out = []
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        scored = [r for r in mine if not r.get("error")]
-        n = max(len(scored), 1)
-        total_ms = sum(float(r.get("time_ms") or 0) for r in scored)
-        evals = sum(float(r.get("model_evals") or 0) for r in scored)
-        out.append(
-            Cost(m, len(scored), len(mine) - len(scored), total_ms / 1000, total_ms / n, evals / n)
-        )
-    return out
-
-
 def method_costs(run: Run) -> list[Cost]:
-    """:func:`costs_from_rows` of a run's rows, one :class:`Cost` per method of the run."""
-    return costs_from_rows(run.rows, run.methods)
+    """A run's cost per method (:func:`tokattr.results.method_costs` of its rows)."""
+    return costs_of_rows(run.rows, run.methods)

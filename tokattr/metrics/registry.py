@@ -1,0 +1,46 @@
+"""The metric registry: the names used in every output table -> the classes. Adding a metric
+is its class (:mod:`tokattr.metrics.classes`) and one line here."""
+
+from __future__ import annotations
+
+from tokattr.metrics.classes import (
+    CompletenessError,
+    Comprehensiveness,
+    DeletionAUC,
+    Infidelity,
+    InsertionAUC,
+    LooKendallTau,
+    MaxSensitivity,
+    PerExampleMetric,
+    PlausibilityAUPRC,
+    RandomizationSpearman,
+    ShapleyError,
+    Sufficiency,
+)
+
+METRICS: dict[str, type[PerExampleMetric]] = {
+    "comprehensiveness": Comprehensiveness,
+    "sufficiency": Sufficiency,
+    "deletion_auc": DeletionAUC,
+    "insertion_auc": InsertionAUC,
+    "loo_kendall_tau": LooKendallTau,
+    "infidelity": Infidelity,
+    "max_sensitivity": MaxSensitivity,
+    "completeness_error": CompletenessError,
+    "shapley_error": ShapleyError,
+    "plausibility_auprc": PlausibilityAUPRC,
+    "randomization_spearman": RandomizationSpearman,
+}
+"""Metric name -> class (explicit; the names are those of every output table)."""
+
+APPLIES_TO: dict[str, frozenset[str]] = {
+    name: cls.applies_to for name, cls in METRICS.items() if cls.applies_to is not None
+}
+"""Metrics that only make sense for some methods (each class's ``applies_to``); the rest
+apply to every method."""
+
+
+def applies(metric: str, method: str) -> bool:
+    """Whether ``metric`` is computed for ``method``."""
+    allowed = METRICS[metric].applies_to
+    return allowed is None or method in allowed
