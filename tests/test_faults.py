@@ -20,7 +20,7 @@ from _tiny import tiny_bpe_lm, tiny_lm
 
 from tokattr.attribution import attribute
 from tokattr.cli import main
-from tokattr.data.arithmetic import read_jsonl
+from tokattr.data import read_jsonl
 from tokattr.lightning.prompts import PromptDataModule, RankShard
 from tokattr.lightning.runner import AttributionModule
 from tokattr.models import reinitialised

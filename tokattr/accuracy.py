@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokattr.answers import DEFAULT_MAX_NEW_TOKENS, greedy_answer_ids, stop_token_ids
-from tokattr.data.arithmetic import BUCKETS, FORMATTED_BUCKETS, SEPARATOR, ArithmeticGenerator
+from tokattr.data.arithmetic import SEPARATOR, ArithmeticGenerator
+from tokattr.data.buckets import BUCKETS, FORMATTED_BUCKETS
 from tokattr.models import LanguageModel
 
 SEED_PROMPT = "$16,000/-0.8="

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from tokattr.accuracy import greedy_answers
-from tokattr.attribution import Attribution, attribute, method_parameters
+from tokattr.attribution import Attribution, attribute
 from tokattr.batching import encode_example
 from tokattr.data.arithmetic import SEPARATOR, with_demonstrations
 from tokattr.models import LanguageModel
+from tokattr.validation import method_parameters
 
 Span = tuple[int, int]  # a token's characters [start, end) in the text it came from
 

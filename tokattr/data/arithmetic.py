@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from tokattr.data.buckets import BUCKETS, DEFAULT_MIX, sample_query
-from tokattr.data.buckets import FORMATTED_BUCKETS as FORMATTED_BUCKETS  # for tokattr.accuracy
 from tokattr.data.numbers import OPERATORS, apply, format_number, parse_number
 
 OPERAND = "operand"  # a digit of an operand
@@ -242,12 +241,3 @@ def with_demonstrations(demonstrations: Sequence[str], query: str) -> str:
         if SEPARATOR in d:
             raise ValueError(f"a demonstration may not contain {SEPARATOR!r}: {d!r}")
     return SEPARATOR.join([*demonstrations, query])
-
-
-def __getattr__(name: str) -> object:
-    # read_jsonl moved to tokattr.data.jsonl; importable from here until its importers follow.
-    if name == "read_jsonl":
-        from tokattr.data.jsonl import read_jsonl
-
-        return read_jsonl
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
