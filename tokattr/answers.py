@@ -164,3 +164,15 @@ def answer_text(lm: LanguageModel, answer: Answer) -> str:
         return answer
     ids = answer.tolist() if isinstance(answer, Tensor) else list(answer)
     return lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def texts_of(
+    lm: LanguageModel, given: Sequence[str | None] | None, ids: Sequence[Sequence[int] | None]
+) -> list[str | None]:
+    """The text to report for each answer (or foil): the string given, else its token ids
+    decoded (:func:`answer_text`); ``None`` where there are no ids (no foil)."""
+    given = given or [None] * len(ids)
+    return [
+        None if i is None else g if g is not None else answer_text(lm, i)
+        for g, i in zip(given, ids, strict=True)
+    ]

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokattr.answers import answer_text, fill_greedy_answers
+from tokattr.answers import fill_greedy_answers, texts_of
 from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples, quote
+from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
+from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
 from tokattr.memory import ModelShape
 from tokattr.methods.problem import AttributionProblem, Method, chunked
@@ -23,7 +25,7 @@ from tokattr.problems import (
     pass_sizes,
     target_forward,
 )
-from tokattr.targets import TargetFunction, contrast, target_inputs
+from tokattr.targets import TargetFunction, TargetInputs, contrast, target_inputs
 from tokattr.validation import (
     build_method,
     check_baseline,
@@ -202,15 +204,8 @@ def _attribute_encoded(
     whose target score or scores are not finite gets an :class:`Attribution` with its
     ``error`` set instead of raising (the benchmark writes it as an error row)."""
     prompts_per_batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    n = len(encoded)
-    texts = [
-        a if a is not None else answer_text(lm, e.answer_ids)
-        for a, e in zip(answers or [None] * n, encoded, strict=True)
-    ]
-    foil_texts = [
-        None if e.foil_ids is None else f if f is not None else answer_text(lm, e.foil_ids)
-        for f, e in zip(foils or [None] * n, encoded, strict=True)
-    ]
+    texts = texts_of(lm, answers, [e.answer_ids for e in encoded])
+    foil_texts = texts_of(lm, foils, [e.foil_ids for e in encoded])
     results: list[Attribution] = []
     for start in range(0, len(encoded), prompts_per_batch):
         stop = min(start + prompts_per_batch, len(encoded))
@@ -255,7 +250,9 @@ def attribute_collated(
     millis = torch.zeros(n_examples, dtype=torch.float64)
     target = target_forward(lm, fn)
 
-    def forward(x: Tensor, rows, past=None, branches=None) -> Tensor:
+    def forward(
+        x: Tensor, rows: TargetInputs, past: Prefix | None = None, branches: Branches | None = None
+    ) -> Tensor:
         seqs = rows.example_index  # the sequences this call puts through the model, counted
         if branches is not None:  # each branch is a sequence of its row's example
             seqs = torch.cat([seqs, seqs[branches.rows.to(seqs.device)]])

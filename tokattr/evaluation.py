@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokattr.answers import answer_text, fill_greedy_answers
+from tokattr.answers import fill_greedy_answers, texts_of
 from tokattr.attribution import Attribution, attribute_collated
 from tokattr.batching import Answer, Encoded, collate, encode_examples
 from tokattr.data.labels import relevance
@@ -203,10 +203,7 @@ def score_batch(
     fn, fn_name = target_function(target_fn)
     exact = exact if exact is not None else ExactShapleyCache()
     n = len(encoded)
-    texts = [
-        a if a is not None else answer_text(lm, e.answer_ids)
-        for a, e in zip(answers or [None] * n, encoded, strict=True)
-    ]
+    texts = texts_of(lm, answers, [e.answer_ids for e in encoded])
 
     def run(model_lm: LanguageModel, batch, rows: Sequence[int], keep: bool) -> list[Attribution]:
         return attribute_collated(

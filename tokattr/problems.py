@@ -15,7 +15,7 @@ from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
 from tokattr.engine.packing import Branches
 from tokattr.memory import ModelShape, sequences_per_pass
-from tokattr.methods.problem import AttributionProblem
+from tokattr.methods.problem import AttributionProblem, Forward
 from tokattr.models import LanguageModel
 from tokattr.targets import TargetFunction, TargetInputs, target_inputs
 from tokattr.validation import check_baseline, target_function
@@ -84,7 +84,7 @@ def batch_problem(
     )
 
 
-def target_forward(lm: LanguageModel, fn: TargetFunction):
+def target_forward(lm: LanguageModel, fn: TargetFunction) -> Forward:
     """``fn`` on this model as a problem's ``forward``: ``(embeds, rows)``, and with
     ``past=`` / ``branches=`` where the problem allows them."""
     model = lm.model

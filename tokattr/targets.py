@@ -23,6 +23,7 @@ targets hand it their ``past=`` / ``branches=`` arguments.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -104,12 +105,21 @@ def target_inputs(batch: TokenBatch, per_answer_token: bool = False) -> TargetIn
     )
 
 
-TargetFunction = Callable[[nn.Module, Tensor, TargetInputs], Tensor]
-"""``(model, embeds [batch, seq, d_model], inputs) -> scores [batch]``."""
+TargetFunction = Callable[..., Tensor]
+"""``(model, embeds [batch, seq, d_model], inputs) -> scores [batch]``. A target function that
+also takes ``past=`` (a key/value prefix, :class:`~tokattr.engine.cache.Prefix`) and
+``branches=`` (packed trees, :class:`~tokattr.engine.packing.Branches`) says so by its
+signature, and the engine may then use those fast paths (:func:`takes_fast_paths`)."""
 
-PREFIX_TARGETS: set[Callable] = set()
-"""Target functions that take ``past=`` (:class:`Prefix`) and ``branches=`` (:class:`Branches`);
-filled below."""
+
+def takes_fast_paths(fn: TargetFunction) -> bool:
+    """Whether ``fn`` takes ``past=`` and ``branches=`` (the built-in log_prob, prob and logit
+    do; contrast, which runs two passes, does not)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "past" in params and "branches" in params
 
 
 def log_prob(
@@ -167,9 +177,6 @@ def logit(
         branches,
     )
     return token_logits.sum(-1)  # [batch] one non-zero term per row
-
-
-PREFIX_TARGETS.update({log_prob, prob, logit})
 
 
 def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:

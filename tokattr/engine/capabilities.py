@@ -12,7 +12,7 @@ import torch
 from tokattr.engine.cache import cache_kwarg
 from tokattr.engine.packing import Branches
 from tokattr.engine.scoring import answer_log_probs
-from tokattr.targets import PREFIX_TARGETS
+from tokattr.targets import takes_fast_paths
 
 if TYPE_CHECKING:
     from tokattr.models import LanguageModel
@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 
 def supports_prefix(lm: LanguageModel, fn: TargetFunction) -> bool:
     """Whether ``fn`` on this model can start from a key/value cache of the first columns
-    (:class:`~tokattr.engine.cache.Prefix`): a built-in target other than ``contrast``, on a
+    (:class:`~tokattr.engine.cache.Prefix`): a target that takes ``past=`` and ``branches=``
+    (:func:`~tokattr.targets.takes_fast_paths`: the built-ins but ``contrast``), on a
     decoder-only model whose ``forward`` takes a key/value cache (by either name,
     :func:`~tokattr.engine.cache.cache_kwarg`), a standard cache and full attention in every layer
     (sliding-window and recurrent layers are left to full passes)."""
     model, config = lm.model, lm.model.config
-    if fn not in PREFIX_TARGETS or getattr(config, "is_encoder_decoder", False):
+    if not takes_fast_paths(fn) or getattr(config, "is_encoder_decoder", False):
         return False
     if cache_kwarg(type(model)) is None:  # its forward takes no cache= / past_key_values=
         return False

@@ -15,7 +15,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,17 +25,29 @@ from tokattr.engine.cache import Prefix, cache_states
 from tokattr.memory import ModelShape
 from tokattr.targets import TargetInputs
 
+if TYPE_CHECKING:
+    from tokattr.engine.packing import Branches
+
 T = TypeVar("T")
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 """What a pass that does not fit raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
 
-Forward = Callable[..., Tensor]
-"""``(embeds [rows, seq, d_model], inputs for those rows) -> scores [rows]``; where the problem
-has ``prefix_ok``, also ``(embeds, inputs, past=Prefix(cache, offset))``: the columns before
-``offset`` are read from the key/value cache (:class:`tokattr.engine.cache.Prefix`) and not
-recomputed; where it has ``branches_ok``, also ``(embeds, inputs, branches=Branches(...))`` ->
-``[rows + branches]``: copies of rows that differ from a column on, packed with their rows
-into one pass (:class:`tokattr.engine.packing.Branches`)."""
+
+class Forward(Protocol):
+    """The problem's target: ``(embeds [rows, seq, d_model], inputs for those rows) -> scores
+    [rows]``. Where the problem has ``prefix_ok``, ``past=Prefix(cache, offset)`` reads the
+    columns before ``offset`` from a key/value cache (:class:`tokattr.engine.cache.Prefix`)
+    instead of recomputing them; where it has ``branches_ok``, ``branches=Branches(...)`` adds
+    copies of rows that differ from a column on, packed with their rows into one pass, and the
+    result is ``[rows + branches]`` (:class:`tokattr.engine.packing.Branches`)."""
+
+    def __call__(
+        self,
+        embeds: Tensor,
+        inputs: TargetInputs,
+        past: Prefix | None = None,
+        branches: Branches | None = None,
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
