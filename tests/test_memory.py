@@ -9,7 +9,7 @@ from _tiny import tiny_lm
 from tokattr.attribution import attribute
 from tokattr.batching import collate, encode_example
 from tokattr.engine import packing as engine_packing
-from tokattr.memory import (
+from tokattr.engine.memory import (
     CPU_TOKENS_PER_PASS,
     ModelShape,
     bytes_per_sequence,
@@ -116,7 +116,7 @@ def test_packed_occlusion_passes_fit_the_budget_and_back_off(monkeypatch):
     no more than the memory of the budget's full sequences, by the same estimate; a packed pass
     that runs out of memory is split, and the scores stay the same."""
     from tokattr.engine import loo as occlusion
-    from tokattr.memory import packed_rows_per_pass
+    from tokattr.engine.memory import packed_rows_per_pass
 
     lm = tiny_lm("llama")
     shape = ModelShape.of(lm.model)

@@ -4,11 +4,8 @@ Attribution on a CPU allocates and frees blocks of the same few sizes pass after
 (activations of a few MiB each). glibc's ``malloc`` hands the top of its heap back to the
 operating system whenever more than its trim threshold lies free there (by default twice the
 largest block freed so far), so the next pass takes the memory back one page fault per 4 KiB
-page. Measured on the bundled model (2 CPU cores, occlusion on 32 arithmetic prompts): 3,519
-and 3,525 minor page faults per call with glibc's defaults, 33 and 72 with freed memory kept;
-best of 20 calls 89.9 and 94.6 ms against 76.2 and 78.6 ms, medians 116.0 and 109.7 ms against
-85.5 and 85.1 ms (one process per setting, alternating). PyTorch's CPU performance-tuning
-guide recommends the same through jemalloc or tcmalloc (``LD_PRELOAD``);
+page (page faults and times with and without it: ``docs/performance.md``). PyTorch's CPU
+performance-tuning guide recommends the same through jemalloc or tcmalloc (``LD_PRELOAD``);
 :func:`keep_freed_memory` does it with glibc's own ``mallopt``, no dependency.
 
 The ``tokattr`` command and the benchmark (``bench/``) call :func:`keep_freed_memory` at start;

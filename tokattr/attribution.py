@@ -14,9 +14,9 @@ from tokattr.answers import fill_greedy_answers, texts_of
 from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples, quote
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
+from tokattr.engine.memory import ModelShape
 from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
-from tokattr.memory import ModelShape
 from tokattr.methods.problem import AttributionProblem, Method, chunked
 from tokattr.models import LanguageModel
 from tokattr.problems import (
@@ -115,7 +115,7 @@ def attribute(
         batch_size: the most sequences in one forward pass (IG steps, perturbations and
             prompts are packed up to it), and the most prompts attributed together. ``None``
             (default): sized to ``memory_budget`` from the model's shape and the batch's
-            length (:mod:`tokattr.memory`), 64 prompts together.
+            length (:mod:`tokattr.engine.memory`), 64 prompts together.
         target_fn: ``"log_prob"`` (default: sum of the answer tokens' log-probabilities),
             ``"prob"``, ``"logit"`` (first answer token), ``"contrast"`` (log p(target) -
             log p(foil)), or a :data:`~tokattr.targets.TargetFunction`.

@@ -13,8 +13,8 @@ from torch import Tensor
 from tokattr.batching import TokenBatch
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
+from tokattr.engine.memory import ModelShape, sequences_per_pass
 from tokattr.engine.packing import Branches
-from tokattr.memory import ModelShape, sequences_per_pass
 from tokattr.methods.problem import AttributionProblem, Forward
 from tokattr.models import LanguageModel
 from tokattr.targets import TargetFunction, TargetInputs, target_inputs
@@ -29,7 +29,7 @@ def pass_sizes(
 ) -> tuple[int, int]:
     """Sequences per forward pass and per forward + backward pass for this batch: ``batch_size``
     when given (capped by ``memory_budget`` when that is given too), else sized to the budget
-    (:func:`tokattr.memory.sequences_per_pass`)."""
+    (:func:`tokattr.engine.memory.sequences_per_pass`)."""
     if batch_size is not None and memory_budget is None:
         return batch_size, batch_size
     seq = batch.input_ids.shape[1]

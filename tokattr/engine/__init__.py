@@ -4,6 +4,8 @@
 - :mod:`~tokattr.engine.cache` — key/value-cache prefixes (:class:`Prefix`).
 - :mod:`~tokattr.engine.packing` — packed tree passes (:class:`Branches`).
 - :mod:`~tokattr.engine.tail` — the last-MLP cut on the scored columns.
+- :mod:`~tokattr.engine.loo` — leave-one-out (occlusion and ``loo_kendall_tau``).
+- :mod:`~tokattr.engine.memory` — how many sequences a pass may hold.
 - :mod:`~tokattr.engine.capabilities` — which of these a model supports, probed once.
 
 Target functions (:mod:`tokattr.targets`) say *what* is scored; this package says how the

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from tokattr.engine.cache import Prefix, prefix_cache
+from tokattr.engine.memory import packed_rows_per_pass
 from tokattr.engine.packing import Branches, first_fit_trees, tree_sizes
-from tokattr.memory import packed_rows_per_pass
 from tokattr.methods.problem import AttributionProblem, chunked
 
 
@@ -146,7 +146,7 @@ def _plan_passes(
 def _packed_rows_per_pass(problem: AttributionProblem) -> Callable[[int, int], int]:
     """``(width, scored) -> n``: the most packed sequences of ``width`` tokens, ``scored`` of them
     scored, in a pass that takes no more memory than ``batch_size`` full sequences (by
-    :func:`tokattr.memory.packed_rows_per_pass`; by tokens where the model's shape is not
+    :func:`tokattr.engine.memory.packed_rows_per_pass`; by tokens where the model's shape is not
     known); 0 where not even one fits."""
     seq = problem.embeds.shape[1]
     if problem.shape is None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from tokattr.engine.cache import Prefix, cache_states
-from tokattr.memory import ModelShape
+from tokattr.engine.memory import ModelShape
 from tokattr.targets import TargetInputs
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class AttributionProblem:
     methods may skip recomputing them. ``branches_ok``: ``forward`` takes ``branches=`` (the
     model honours a packed tree's attention mask and position ids). ``shape``: the model's
     dimensions, where a method sizes passes of unlike sequences by memory
-    (:mod:`tokattr.memory`).
+    (:mod:`tokattr.engine.memory`).
     """
 
     forward: Forward

@@ -6,10 +6,8 @@ model's config (hidden size, layers, MLP width, heads, vocabulary), not measured
 the large side. On a GPU the default budget is 60% of the free device memory, and a pass that
 runs out of memory anyway is retried at half the size
 (:func:`tokattr.methods.problem.chunked`). On a CPU passes are also capped at
-:data:`CPU_TOKENS_PER_PASS` tokens: larger passes run slower per sequence there (measured in
-``bench/`` on 2 cores: the bundled model's best pass was 32 sequences of 18 tokens; a 100M
-Llama's 16 of 68 tokens, and 4 of 259 tokens without gradients; IG on two 64-token prompts
-took 3.75 s per prompt at 16 sequences per pass and 4.9-5.8 s at 32).
+:data:`CPU_TOKENS_PER_PASS` tokens: past a thousand or so tokens a pass, larger passes run
+slower per sequence on a CPU (the measurements are in ``docs/performance.md``).
 """
 
 from __future__ import annotations
