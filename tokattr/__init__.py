@@ -10,8 +10,9 @@ methods.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from tokattr._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tokattr.attribution import Attribution, attribute
@@ -23,20 +24,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "Attribution": "tokattr.attribution",
-    "attribute": "tokattr.attribution",
-    "evaluate": "tokattr.evaluation",
-    "EvaluationTable": "tokattr.table",
-    "METHODS": "tokattr.methods",
-    "METRICS": "tokattr.metrics",
-    "BUNDLED": "tokattr.models",
-    "LanguageModel": "tokattr.models",
-    "ModelNotFoundError": "tokattr.models",
-    "load_model": "tokattr.models",
+_MODULES = {
+    "tokattr.attribution": ("Attribution", "attribute"),
+    "tokattr.evaluation": ("evaluate",),
+    "tokattr.table": ("EvaluationTable",),
+    "tokattr.methods": ("METHODS",),
+    "tokattr.metrics": ("METRICS",),
+    "tokattr.models": ("BUNDLED", "LanguageModel", "ModelNotFoundError", "load_model"),
 }
-
-__all__ = [
+__all__ = [  # what the type checker sees above, loaded on first use below
     "BUNDLED",
     "METHODS",
     "METRICS",
@@ -49,15 +45,4 @@ __all__ = [
     "evaluate",
     "load_model",
 ]
-
-
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tokattr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # loaded once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())

@@ -12,87 +12,26 @@ imports without the metric classes (torchmetrics, captum, the methods).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+from tokattr._lazy import lazy_exports
 
-if TYPE_CHECKING:
-    from tokattr.metrics.classes import (
-        CompletenessError,
-        Comprehensiveness,
-        DeletionAUC,
-        Infidelity,
-        InsertionAUC,
-        LooKendallTau,
-        MaxSensitivity,
-        PerExampleMetric,
-        PlausibilityAUPRC,
-        RandomizationSpearman,
-        ShapleyError,
-        Sufficiency,
-    )
-    from tokattr.metrics.inputs import (
-        ExactShapleyCache,
-        MetricInputs,
-    )
-    from tokattr.metrics.ranking import (
-        FRACTIONS,
-    )
-    from tokattr.metrics.registry import (
-        APPLIES_TO,
-        METRICS,
-        applies,
-    )
-
-_EXPORTS = {
-    "APPLIES_TO": "tokattr.metrics.registry",
-    "FRACTIONS": "tokattr.metrics.ranking",
-    "METRICS": "tokattr.metrics.registry",
-    "CompletenessError": "tokattr.metrics.classes",
-    "Comprehensiveness": "tokattr.metrics.classes",
-    "DeletionAUC": "tokattr.metrics.classes",
-    "ExactShapleyCache": "tokattr.metrics.inputs",
-    "Infidelity": "tokattr.metrics.classes",
-    "InsertionAUC": "tokattr.metrics.classes",
-    "LooKendallTau": "tokattr.metrics.classes",
-    "MaxSensitivity": "tokattr.metrics.classes",
-    "MetricInputs": "tokattr.metrics.inputs",
-    "PerExampleMetric": "tokattr.metrics.classes",
-    "PlausibilityAUPRC": "tokattr.metrics.classes",
-    "RandomizationSpearman": "tokattr.metrics.classes",
-    "ShapleyError": "tokattr.metrics.classes",
-    "Sufficiency": "tokattr.metrics.classes",
-    "applies": "tokattr.metrics.registry",
+_MODULES = {
+    "tokattr.metrics.classes": (
+        "CompletenessError",
+        "Comprehensiveness",
+        "DeletionAUC",
+        "Infidelity",
+        "InsertionAUC",
+        "LooKendallTau",
+        "MaxSensitivity",
+        "PerExampleMetric",
+        "PlausibilityAUPRC",
+        "RandomizationSpearman",
+        "ShapleyError",
+        "Sufficiency",
+    ),
+    "tokattr.metrics.inputs": ("ExactShapleyCache", "MetricInputs"),
+    "tokattr.metrics.ranking": ("FRACTIONS",),
+    "tokattr.metrics.registry": ("APPLIES_TO", "METRICS", "applies"),
 }
-
-__all__ = [
-    "APPLIES_TO",
-    "FRACTIONS",
-    "METRICS",
-    "CompletenessError",
-    "Comprehensiveness",
-    "DeletionAUC",
-    "ExactShapleyCache",
-    "Infidelity",
-    "InsertionAUC",
-    "LooKendallTau",
-    "MaxSensitivity",
-    "MetricInputs",
-    "PerExampleMetric",
-    "PlausibilityAUPRC",
-    "RandomizationSpearman",
-    "ShapleyError",
-    "Sufficiency",
-    "applies",
-]
-
-
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tokattr.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # loaded once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())

@@ -16,31 +16,7 @@ figures need.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tokattr.report.figures import (
-        MeanCurves,
-        agreement_figure,
-        agreement_matrix,
-        erasure_curves_figure,
-        example_heatmap,
-        example_scores,
-        format_score,
-        mean_erasure_curves,
-        metrics_figure,
-        normalised_curves,
-    )
-    from tokattr.report.html import write_report
-    from tokattr.report.load import (
-        CSV_COLUMNS,
-        Cost,
-        Run,
-        headline_metrics,
-        load_run,
-        method_costs,
-    )
+from tokattr._lazy import lazy_exports
 
 _MODULES = {
     "tokattr.report.load": (
@@ -65,36 +41,5 @@ _MODULES = {
     ),
     "tokattr.report.html": ("write_report",),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-
-__all__ = [
-    "CSV_COLUMNS",
-    "Cost",
-    "MeanCurves",
-    "Run",
-    "agreement_figure",
-    "agreement_matrix",
-    "erasure_curves_figure",
-    "example_heatmap",
-    "example_scores",
-    "format_score",
-    "headline_metrics",
-    "load_run",
-    "mean_erasure_curves",
-    "method_costs",
-    "metrics_figure",
-    "normalised_curves",
-    "write_report",
-]
-
-
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tokattr.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # loaded once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
