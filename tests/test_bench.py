@@ -203,6 +203,8 @@ def test_help_documents_every_option(capsys):
         (["--methods", '["integrated_gradient"]'], "unknown method"),
         (["--model.metrics", '["comprehensivenes"]'], "unknown metric"),
         (["--trainer.devices", "64"], "this machine has"),
+        (["--model.target_fn", "contrast"], "needs foils"),
+        (["--model.target_fn", "log_probs"], "unknown target_fn"),
         (["--model.model", "/no/such/model"], "no model folder"),
     ],
 )

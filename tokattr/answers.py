@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tokattr.batching import Answer, check_prompt, quote
+from tokattr.batching import Answer, check_prompt, no_room, quote
 from tokattr.models import LanguageModel
 
 DEFAULT_MAX_NEW_TOKENS = 12
@@ -49,13 +49,9 @@ def prompt_token_ids(lm: LanguageModel, prompts: Sequence[str]) -> list[list[int
     for p in prompts:
         check_prompt(p)
     ids = lm.tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]
-    limit = lm.max_length
     for p, row in zip(prompts, ids, strict=True):
-        if len(row) >= limit:
-            raise ValueError(
-                f"prompt is {len(row)} tokens, and the model's context of {limit} leaves no "
-                f"room for an answer: {quote(p)}"
-            )
+        if why := no_room(p, len(row), lm.max_length):
+            raise ValueError(why)
     return [list(r) for r in ids]
 
 

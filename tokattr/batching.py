@@ -40,6 +40,18 @@ def quote(text: object, limit: int = QUOTE_CHARS) -> str:
     return f"{text[:half]!r}…{text[-half:]!r} ({len(text):,} characters)"
 
 
+def no_room(prompt: str, n_tokens: int, limit: int, name: str | None = None) -> str | None:
+    """Why a prompt of ``n_tokens`` tokens cannot be attributed in a model context of ``limit``
+    (no room left for an answer), or ``None`` when it can: the one message for every place that
+    checks it before any work (``name``: the example's id, where there is one)."""
+    if n_tokens < limit:
+        return None
+    return (
+        f"prompt{'' if name is None else ' ' + repr(name)} is {n_tokens} tokens, and the "
+        f"model's context of {limit} leaves no room for an answer: {quote(prompt)}"
+    )
+
+
 Answer = str | Sequence[int]
 """An answer: a string (tokenized in context after the prompt) or the token ids themselves."""
 
@@ -251,11 +263,8 @@ def _encode(
     ]
     if all(special):
         raise ValueError(f"prompt {quote(prompt)} has no token to attribute (only special tokens)")
-    if max_length is not None and len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"prompt is {len(prompt_ids)} tokens, and the model's context of {max_length} "
-            f"leaves no room for an answer: {quote(prompt)}"
-        )
+    if max_length is not None and (why := no_room(prompt, len(prompt_ids), max_length)):
+        raise ValueError(why)
     offsets = (
         [tuple(o) for o in enc["offset_mapping"]]
         if "offset_mapping" in enc

@@ -127,6 +127,14 @@ def check_baseline(baseline: str) -> str:
     return baseline
 
 
+def check_bench_target(target_fn: str) -> None:
+    """The benchmark runner scores each example's own answer: a target function it can run
+    (a name of :data:`~tokattr.targets.TARGETS` other than ``contrast``, which needs foils)."""
+    target_function(target_fn)
+    if target_fn == "contrast":
+        raise ValueError("target_fn='contrast' needs foils, which the runner does not take")
+
+
 def target_function(target_fn: str | TargetFunction) -> tuple[TargetFunction, str]:
     """The target function and its name (a callable's ``__name__``, else ``"custom"``)."""
     if callable(target_fn):

@@ -45,7 +45,7 @@ from tokattr.results import (
     merge,
 )
 from tokattr.rows import ResultRow, RunIdentity
-from tokattr.validation import known_methods
+from tokattr.validation import check_bench_target, known_methods
 
 
 class BenchCLI(LightningCLI):
@@ -121,8 +121,7 @@ class BenchCLI(LightningCLI):
         if cfg.max_examples is not None:
             cfg.data.max_examples = cfg.max_examples
         _check_devices(cfg.trainer)
-        if cfg.model.target_fn == "contrast":
-            raise ValueError("target_fn='contrast' needs foils, which the runner does not take")
+        check_bench_target(cfg.model.target_fn)
         self._cheap_checks(cfg)
 
     def _cheap_checks(self, cfg: Any) -> None:
@@ -132,19 +131,15 @@ class BenchCLI(LightningCLI):
         data.pop("__path__", None)
         examples = PromptDataModule(**data).examples()
         self.state["examples"] = examples
-        from tokattr.batching import quote
+        from tokattr.batching import no_room
         from tokattr.models import load_tokenizer
 
         tokenizer, limit = load_tokenizer(cfg.model.model)
         prompts = [e["prompt"] for e in examples]
         lengths = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
         for e, ids in zip(examples, lengths, strict=True):
-            if len(ids) >= limit:
-                raise ValueError(
-                    f"{e['where']}: prompt {e['example_id']!r} is {len(ids)} tokens, and the "
-                    f"model's context of {limit} leaves no room for an answer: "
-                    f"{quote(e['prompt'])}"
-                )
+            if why := no_room(e["prompt"], len(ids), limit, name=e["example_id"]):
+                raise ValueError(f"{e['where']}: {why}")
         if _is_rank_zero():
             lock = OutDirLock(cfg.out_dir)
             lock.acquire()

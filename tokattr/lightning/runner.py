@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from tokattr.answers import answer_text
-from tokattr.batching import encode_example, quote
+from tokattr.batching import encode_example, no_room
 from tokattr.data.labels import token_roles
 from tokattr.evaluation import needs_random_model, score_batch
 from tokattr.lightning.prompts import PromptDataModule
@@ -34,7 +34,7 @@ from tokattr.models import load_model, reinitialised
 from tokattr.problems import DEFAULT_BATCH_SIZE
 from tokattr.results import RowWriter, read_parts
 from tokattr.rows import ResultRow
-from tokattr.validation import check_baseline, method_specs, metric_names
+from tokattr.validation import check_baseline, check_bench_target, method_specs, metric_names
 
 
 def example_seed(example_id: str) -> int:
@@ -78,8 +78,7 @@ class AttributionModule(pl.LightningModule):
         self.metric_params = dict(metric_params or {})
         self.metric_names = metric_names(metrics, self.metric_params, list(self.methods))
         check_baseline(baseline)
-        if target_fn == "contrast":
-            raise ValueError("target_fn='contrast' needs foils, which the runner does not take")
+        check_bench_target(target_fn)
         self.baseline, self.target_fn = baseline, target_fn
         self.forward_batch_size = forward_batch_size
         self.shapley_max_tokens, self.randomization_seed = shapley_max_tokens, randomization_seed
@@ -122,11 +121,8 @@ class AttributionModule(pl.LightningModule):
         failed: dict[int, str] = {}
         ids = tok([e["prompt"] for e in batch], add_special_tokens=True, verbose=False)["input_ids"]
         for i, row in enumerate(ids):
-            if len(row) >= limit:
-                failed[i] = (
-                    f"prompt is {len(row)} tokens, and the model's context of {limit} leaves no "
-                    f"room for an answer: {quote(batch[i]['prompt'])}"
-                )
+            if why := no_room(batch[i]["prompt"], len(row), limit):
+                failed[i] = why
         missing = [i for i, a in enumerate(answers) if a is None and i not in failed]
         if missing:
             greedy = greedy_answer_ids(self.lm, [list(ids[i]) for i in missing])
