@@ -24,7 +24,7 @@ from tokattr.methods.problem import Method
 from tokattr.metrics import METRICS, ExactShapleyCache, MetricInputs, applies
 from tokattr.models import LanguageModel, reinitialised
 from tokattr.problems import DEFAULT_BATCH_SIZE, batch_problem, pass_sizes
-from tokattr.table import EvaluationTable, MetricRow, format_value, table_from_values
+from tokattr.table import EvaluationTable, table_from_values
 from tokattr.validation import (
     build_method,
     check_baseline,
@@ -35,8 +35,6 @@ from tokattr.validation import (
     prompt_list,
     target_function,
 )
-
-__all__ = ["BatchScores", "EvaluationTable", "MetricRow", "evaluate", "format_value", "score_batch"]
 
 DEFAULT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient", "occlusion", "random")
 

@@ -51,7 +51,7 @@ class MetricInputs:
     labels: Tensor | None = None
     exact_shapley: Tensor | Callable[[], Tensor] | None = None
     random_scores: Tensor | Callable[[], Tensor] | None = None
-    _memo: dict[str, object] = field(default_factory=dict, repr=False)
+    _memo: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def feature_mask(self) -> Tensor:
