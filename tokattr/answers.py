@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tokattr.batching import Answer, check_prompt, no_room, quote
+from tokattr.batching import Answer, check_prompt
+from tokattr.messages import no_room, quote
 from tokattr.models import LanguageModel
 
 DEFAULT_MAX_NEW_TOKENS = 12

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 
 from tokattr.answers import fill_greedy_answers, texts_of
-from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples, quote
+from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
 from tokattr.engine.memory import ModelShape
 from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
+from tokattr.messages import quote
 from tokattr.methods.problem import AttributionProblem, Method, chunked
 from tokattr.models import LanguageModel
 from tokattr.problems import (

@@ -131,7 +131,7 @@ class BenchCLI(LightningCLI):
         data.pop("__path__", None)
         examples = PromptDataModule(**data).examples()
         self.state["examples"] = examples
-        from tokattr.batching import no_room
+        from tokattr.messages import no_room
         from tokattr.models import load_tokenizer
 
         tokenizer, limit = load_tokenizer(cfg.model.model)

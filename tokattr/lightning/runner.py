@@ -24,10 +24,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from tokattr.answers import answer_text
-from tokattr.batching import encode_example, no_room
+from tokattr.batching import encode_example
 from tokattr.data.labels import token_roles
 from tokattr.evaluation import needs_random_model, score_batch
 from tokattr.lightning.prompts import PromptDataModule
+from tokattr.messages import no_room
 from tokattr.methods import METHODS
 from tokattr.metrics import ExactShapleyCache, applies
 from tokattr.models import load_model, reinitialised
