@@ -106,7 +106,7 @@ def attribute(
             (``prompt + target``; ``"Paris"`` vs ``" Paris"`` matters), or its token ids, used
             as they are. ``None`` (or ``None`` for a prompt in the list): the model's greedy
             answer, the token ids it generates up to a stop token
-            (:func:`tokattr.accuracy.greedy_answer_ids`).
+            (:func:`tokattr.answers.greedy_answer_ids`).
         baseline: what replaces a removed token's embedding: ``"pad"`` (default), ``"unk"`` or
             ``"zero"``; its position is kept. Used by every method except saliency,
             input_x_gradient and random.
