@@ -186,9 +186,9 @@ def test_occlusion_mixes_packed_and_cached_rows(monkeypatch):
     cached = []
     real = occlusion._with_cache
 
-    def counting(problem, rows, columns):
+    def counting(problem, rows, columns, slots):
         cached.append(problem.n_rows)
-        return real(problem, rows, columns)
+        return real(problem, rows, columns, slots)
 
     monkeypatch.setattr(occlusion, "_with_cache", counting)
     monkeypatch.setattr(occlusion, "PACK_LIMIT", 100)  # the first prompt's tree is longer
@@ -348,7 +348,7 @@ def test_to_dict_is_json_ready():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(method="lime"), r"unknown method 'lime'; choose from \['exact_shapley'"),
+        (dict(method="lime"), r"unknown method 'lime'; choose from \['context_cite', 'exact"),
         (dict(method="occlusion", n_steps=3), r"unknown parameter\(s\) \['n_steps'\].*window"),
         (dict(method="integrated_gradients", n_steps=0), "n_steps must be an integer >= 1"),
         (dict(method="kernel_shap", n_samples=0), "n_samples must be an integer >= 1"),
@@ -358,7 +358,7 @@ def test_to_dict_is_json_ready():
         (dict(method="occlusion", target_fn="contrast"), "needs a foil"),
         (dict(method="occlusion", foil="3"), "only used with target_fn='contrast'"),
         (dict(method="occlusion", batch_size=0), "batch_size must be"),
-        (dict(method="exact_shapley", max_tokens=4), "7 tokens, more than max_tokens=4"),
+        (dict(method="exact_shapley", max_tokens=4), "7 features, more than max_tokens=4"),
     ],
 )
 def test_errors_name_the_problem(kwargs, message):

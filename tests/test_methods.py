@@ -240,7 +240,7 @@ def test_sampling_error_to_exact_shapley_shrinks_with_samples(method, sizes):
 
 def test_exact_shapley_refuses_too_many_tokens():
     problem = synthetic_problem(_known_game, torch.ones(6, 2))
-    with pytest.raises(ValueError, match="6 tokens, more than max_tokens=5"):
+    with pytest.raises(ValueError, match="6 features, more than max_tokens=5"):
         ExactShapley(max_tokens=5).attribute(problem)
 
 
@@ -470,6 +470,7 @@ def test_every_method_is_tested_here():
     covered = {
         "integrated_gradients", "saliency", "input_x_gradient", "occlusion", "kernel_shap",
         "shapley_sampling", "exact_shapley", "random",
+        "context_cite",  # against scikit-learn and an additive target: test_feature_attribution
     }  # fmt: skip
     assert set(METHODS) == covered
 

@@ -19,6 +19,7 @@ from tokattr.methods.problem import AttributionProblem, MethodOutput
 from tokattr.metrics import APPLIES_TO, METRICS, ExactShapleyCache, MetricInputs, applies
 from tokattr.metrics import functional as F
 from tokattr.metrics.classes import (
+    LDS,
     CompletenessError,
     Comprehensiveness,
     DeletionAUC,
@@ -27,6 +28,7 @@ from tokattr.metrics.classes import (
     LooKendallTau,
     MaxSensitivity,
     PlausibilityAUPRC,
+    PlausibilityTop1,
     RandomizationSpearman,
     ShapleyError,
     Sufficiency,
@@ -395,6 +397,9 @@ def _class_cases(problem, scores, scores2, labels):
                                lambda: F.plausibility_auprc(scores, labels)),
         "randomization_spearman": (lambda: RandomizationSpearman(), inputs,
                                    lambda: F.randomization_spearman(scores, scores2, mask)),
+        "plausibility_top1": (lambda: PlausibilityTop1(), inputs,
+                              lambda: F.plausibility_top1(scores, labels)),
+        "lds": (lambda: LDS(8, 0.3), inputs, lambda: F.lds(problem, scores, 8, 0.3)),
     }  # fmt: skip
 
 

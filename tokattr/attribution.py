@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from tokattr.answers import fill_greedy_answers, texts_of
-from tokattr.batching import Answer, Encoded, TokenBatch, collate, encode_examples
+from tokattr.batching import Answer, Encoded, Features, TokenBatch, collate, encode_examples
+from tokattr.chat import DEFAULT_ROLES, chat_prompts
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
 from tokattr.engine.memory import ModelShape
@@ -26,13 +27,14 @@ from tokattr.problems import (
     pass_sizes,
     target_forward,
 )
-from tokattr.targets import TargetFunction, TargetInputs, contrast, target_inputs
+from tokattr.targets import TargetFunction, TargetInputs, contrast, log_prob, target_inputs
 from tokattr.validation import (
     build_method,
     check_baseline,
     check_positive_int,
     method_parameters,
     per_prompt,
+    per_prompt_features,
     per_prompt_seed,
     prompt_list,
     target_function,
@@ -41,12 +43,17 @@ from tokattr.validation import (
 
 @dataclass(frozen=True, eq=False)
 class Attribution:
-    """One prompt's token attributions.
+    """One prompt's attributions, one score per feature.
 
-    ``scores[i]`` belongs to ``tokens[i]``, the prompt's tokens as the tokenizer spells them
-    (BOS and other special tokens are never features). With ``per_answer_token=True``,
-    ``scores`` has one row per answer token (``[len(answer_tokens), len(tokens)]``) and
-    ``target_score`` / ``delta`` are lists with one entry per answer token.
+    ``scores[i]`` belongs to ``features[i]``, whose character span in the prompt is
+    ``spans[i]``. With ``features="token"`` (the default) the features are the prompt's
+    tokens as the tokenizer spells them (BOS and other special tokens are never features), so
+    ``features == tokens`` and ``spans == offsets``; with words, sentences, lines, separated
+    parts or explicit spans (:mod:`tokattr.features`) a feature is a group of tokens and
+    ``token_features[j]`` is the feature of ``tokens[j]`` (-1: context, never removed). With
+    ``per_answer_token=True``, ``scores`` has one row per answer token
+    (``[len(answer_tokens), len(features)]``) and ``target_score`` / ``delta`` are lists with
+    one entry per answer token.
 
     ``answer_ids`` are the answer's tokens exactly as scored (for the greedy answer, the ids
     the model generated); ``target`` is their text.
@@ -71,12 +78,17 @@ class Attribution:
     foil: str | None = None
     answer_ids: list[int] = field(default_factory=list)  # the answer's token ids, as attributed
     error: str | None = None  # why the scores are not finite (only where errors are kept)
+    features: list[str] = field(default_factory=list)  # each feature's text ("token": tokens)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each feature's character span
+    token_features: list[int] = field(default_factory=list)  # feature of each token, -1: none
+    granularity: str = "token"  # token, word, sentence, line, separator:<s> or spans
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (scores as nested lists)."""
         out = {k: v for k, v in self.__dict__.items() if k != "scores"}
         out["scores"] = self.scores.tolist()
         out["offsets"] = [list(o) for o in self.offsets]
+        out["spans"] = [list(o) for o in self.spans]
         return out
 
 
@@ -94,13 +106,20 @@ def attribute(
     per_answer_token: bool = False,
     memory_budget: int | None = None,
     max_new_tokens: int | None = None,
+    features: Features | Sequence[Features] = "token",
+    feature_roles: Sequence[str] = DEFAULT_ROLES,
     **method_params: object,
 ) -> Attribution | list[Attribution]:
-    """Attribute the model's score of an answer to each token of the prompt.
+    """Attribute the model's score of an answer to each feature of the prompt: each token
+    (default), word, sentence, line, part between separators, or given character span.
 
     Args:
         lm: the model and tokenizer (:func:`tokattr.load_model`).
-        prompts: one prompt (-> one :class:`Attribution`) or a list (-> a list).
+        prompts: one prompt (-> one :class:`Attribution`) or a list (-> a list). A prompt is
+            text, or a chat: a list of ``{"role", "content"}`` messages, rendered with the
+            tokenizer's chat template (``add_generation_prompt=True``) and attributed to the
+            contents of the roles in ``feature_roles`` only (:mod:`tokattr.chat`); the
+            template's own tokens are never features nor removed.
         method: a name in :data:`tokattr.METHODS`.
         target: the answer to attribute, one per prompt: a string, tokenized once in context
             (``prompt + target``; ``"Paris"`` vs ``" Paris"`` matters), or its token ids, used
@@ -128,6 +147,17 @@ def attribute(
             anyway is retried at half the size.
         max_new_tokens: the longest greedy answer (default: the model's generation config,
             else 12 tokens).
+        features: what gets a score (:mod:`tokattr.features`): ``"token"`` (default),
+            ``"word"``, ``"sentence"``, ``"line"``, ``"separator:<s>"`` (the parts between
+            occurrences of ``s``, e.g. ``"separator:;"`` between demonstrations), or explicit
+            ``[(start, end), ...]`` character spans; one for every prompt, or a list with one
+            per prompt. A token belongs to the feature holding its first non-space character;
+            characters outside every feature are context, never removed. Perturbation
+            methods remove a feature's tokens together; gradient methods sum its tokens'
+            scores. For a chat prompt, the granularity inside each content (and
+            ``"message"``: each content whole).
+        feature_roles: the roles of a chat prompt whose contents are features (default:
+            the user's).
         **method_params: the method's hyper-parameters, e.g. ``n_steps=64``.
 
     Raises:
@@ -135,7 +165,8 @@ def attribute(
             prompt; a prompt (checked before any generation) or prompt + answer longer than
             ``lm.max_length``; an answer that changes the prompt's tokens; ``exact_shapley`` on
             too many tokens; NaN or inf scores (the message says whether the model's logits or
-            the answer's probability is the cause).
+            the answer's probability is the cause); features that do not exist, spans out of
+            range, overlapping or holding no token (all before any model call).
         TypeError: a prompt that is not a string (e.g. a tokenizer's ``BatchEncoding``).
     """
     runner = build_method(method, method_params)
@@ -148,11 +179,12 @@ def attribute(
         raise ValueError(
             "the model is in training mode (dropout would randomise scores); call .eval()"
         )
-    single = isinstance(prompts, str)
+    single, prompts, features = chat_prompts(lm.tokenizer, prompts, features, feature_roles)
     prompts_ = prompt_list(prompts)
     answers = per_prompt(target, len(prompts_), "target")
     foils = per_prompt(foil, len(prompts_), "foil")
     seeds = per_prompt_seed(seed, len(prompts_))
+    feature_specs = per_prompt_features(features, prompts_, single)
     if (fn is contrast) != (foils[0] is not None):
         raise ValueError(
             "target_fn='contrast' needs a foil for every prompt"
@@ -162,7 +194,7 @@ def attribute(
     if per_answer_token and fn is contrast:
         raise ValueError("per_answer_token does not apply to the contrast target")
     answers = fill_greedy_answers(lm, prompts_, answers, max_new_tokens)
-    encoded = encode_examples(lm.tokenizer, prompts_, answers, foils, lm.max_length)
+    encoded = encode_examples(lm.tokenizer, prompts_, answers, foils, lm.max_length, feature_specs)
     results = _attribute_encoded(
         lm,
         encoded,
@@ -276,6 +308,8 @@ def attribute_collated(
             # Probed only for a method that packs (the probe runs the model once per model).
             branches_ok=runner.packs_branches and supports_branches(lm, fn),
             shape=ModelShape.of(model),
+            feature_ids=None if batch.feature_ids is None else batch.feature_ids[row_of[rows]],
+            log_prob_target=fn is log_prob,
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()
@@ -307,9 +341,17 @@ def attribute_collated(
     row_of_cpu = row_of.cpu()
     order = torch.argsort(row_of_cpu, stable=True)  # rows grouped by example
     rows_per_example = torch.bincount(row_of_cpu, minlength=n_examples).tolist()
-    in_features = batch.feature_mask.cpu()[row_of_cpu[order]]  # [rows, seq]
-    flat = scores[order][in_features]  # features of each row, row after row
-    per_row = flat.split(in_features.sum(-1).tolist())
+    if batch.feature_ids is None:
+        in_features = batch.feature_mask.cpu()[row_of_cpu[order]]  # [rows, seq]
+        flat = scores[order][in_features]  # features of each row, row after row
+        per_row = flat.split(in_features.sum(-1).tolist())
+    else:  # a feature's score: the sum of its tokens' (one nonzero for perturbation methods)
+        fid = batch.feature_ids.cpu()[row_of_cpu[order]]  # [rows, seq]
+        n_feat = (fid.max(-1).values + 1).clamp(min=0)
+        sums = torch.zeros(len(fid), int(n_feat.max()) + 1)
+        sums.scatter_add_(1, torch.where(fid >= 0, fid, sums.shape[1] - 1), scores[order])
+        per_row = [sums[r, : int(n_feat[r])] for r in range(len(fid))]
+        flat = torch.cat(per_row)
     fx = fx[order]
     delta = None if delta is None else delta[order]
     bad_fx = ~torch.isfinite(fx)
@@ -350,9 +392,21 @@ def attribute_collated(
                 foil=foils[b],
                 answer_ids=list(encoded[b].answer_ids),
                 error=errors.get(b),
+                features=batch.features[b] if batch.features else batch.tokens[b],
+                spans=batch.spans[b] if batch.spans else batch.offsets[b],
+                token_features=_token_features(encoded[b]),
+                granularity=encoded[b].granularity,
             )
         )
     return results
+
+
+def _token_features(e: Encoded) -> list[int]:
+    """The feature of each non-special prompt token (the token itself for single tokens)."""
+    keep = [i for i, s in enumerate(e.special) if not s]
+    if e.feature_of is None:
+        return list(range(len(keep)))
+    return [e.feature_of[i] for i in keep]
 
 
 def _not_finite(

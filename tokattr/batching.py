@@ -16,6 +16,7 @@ prompt's own tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,10 +25,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from tokattr.features import Span, feature_spans, granularity_of, token_features
 from tokattr.messages import no_room, quote
 
 Answer = str | Sequence[int]
 """An answer: a string (tokenized in context after the prompt) or the token ids themselves."""
+
+Features = str | Sequence[Span]
+"""What a prompt's features are: ``"token"``, ``"word"``, ``"sentence"``, ``"line"``,
+``"separator:<s>"`` or explicit character spans (:func:`tokattr.features.feature_spans`)."""
 
 
 def is_token_ids(value: object) -> bool:
@@ -49,6 +55,14 @@ class Encoded:
     offsets: list[tuple[int, int]]  # [len(prompt_ids)] character span in the prompt
     answer_ids: list[int]
     foil_ids: list[int] | None
+    spans: list[Span] | None = None  # feature spans (None: every token is a feature)
+    feature_of: list[int] | None = None  # [len(prompt_ids)] feature of each token, -1 if none
+    feature_texts: list[str] | None = None  # each feature's text
+    granularity: str = "token"  # what the features are (tokattr.features.granularity_of)
+
+    def feature_key(self) -> tuple[Span, ...] | None:
+        """What identifies the features beyond the tokens (``None`` for single tokens)."""
+        return None if self.spans is None else tuple(self.spans)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,10 @@ class TokenBatch:
     token_ids: list[list[int]]
     offsets: list[list[tuple[int, int]]]  # features' character spans in the prompt
     answer_tokens: list[list[str]]
+    # Features of several tokens (None: every feature is one token, as feature_mask says).
+    feature_ids: Tensor | None = None  # [batch, seq] long, the feature of each column, -1 off
+    features: list[list[str]] | None = None  # each example's feature texts
+    spans: list[list[Span]] | None = None  # each example's feature character spans
 
     def to(self, device: torch.device | str) -> TokenBatch:
         moved = {
@@ -107,8 +125,13 @@ def encode_example(
     max_length: int | None = None,
     tokenize: Tokenize | None = None,
     specials: frozenset[int] | None = None,
+    features: Features = "token",
 ) -> Encoded:
     """Tokenize one prompt and its answer (and foil) the way the model will read them.
+
+    ``features`` other than ``"token"`` group the prompt's tokens: a token belongs to the
+    feature span holding its first non-space character (:mod:`tokattr.features`), special
+    tokens and tokens outside every span belong to none.
 
     A prompt that ends in whitespace the tokenizer merges into the answer's first token
     (``"9 - 556 = "`` + ``"-547"`` reads ``▁=  ▁-  5 4 7`` with a metaspace tokenizer, not
@@ -127,14 +150,33 @@ def encode_example(
         ValueError: an empty prompt, a prompt with no non-special token, an empty answer,
             ``prompt + answer`` longer than ``max_length``, or prompt tokens that are not a
             prefix of the tokens of ``prompt + answer`` (the answer would change how the prompt
-            is split, so "the answer's tokens" would not be defined).
+            is split, so "the answer's tokens" would not be defined); features that are not
+            valid (:func:`tokattr.features.feature_spans`) or a feature that holds no token.
     """
     check_prompt(prompt)
+    spans = feature_spans(prompt, features)
+    kind = granularity_of(features)
+    encoded = _encode_checked(
+        tokenizer, prompt, answer, foil, max_length, tokenize, specials, spans
+    )
+    return encoded if kind == "token" else dataclasses.replace(encoded, granularity=kind)
+
+
+def _encode_checked(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    answer: Answer,
+    foil: Answer | None,
+    max_length: int | None,
+    tokenize: Tokenize | None,
+    specials: frozenset[int] | None,
+    spans: list[Span] | None,
+) -> Encoded:
     if tokenize is None:
         tokenize = functools.partial(_encode_text, tokenizer)
     specials = special_ids(tokenizer) if specials is None else specials
     try:
-        return _encode(tokenizer, prompt, answer, foil, max_length, tokenize, specials)
+        return _encode(tokenizer, prompt, answer, foil, max_length, tokenize, specials, spans)
     except NotAPrefixError:
         stripped = prompt.rstrip()
         if stripped == prompt or not stripped or is_token_ids(answer) or is_token_ids(foil):
@@ -148,6 +190,8 @@ def encode_example(
             max_length,
             tokenize,
             specials,
+            spans,
+            prompt,
         )
 
 
@@ -177,13 +221,17 @@ def encode_examples(
     answers: Sequence[Answer],
     foils: Sequence[Answer | None] | None = None,
     max_length: int | None = None,
+    features: Sequence[Features] | None = None,
 ) -> list[Encoded]:
     """:func:`encode_example` for each ``(prompt, answer, foil)``, with every prompt and every
     ``prompt + answer`` (and ``prompt + foil``) text tokenized in one batched tokenizer call
     (one call's overhead, not one per text). Same results and errors, in the same order, as
     :func:`encode_example` on each example in turn (except where the tokenizer itself raises on
-    a text: then that error comes first)."""
+    a text: then that error comes first). ``features``: one per prompt (default: tokens)."""
     foil_list = [None] * len(prompts) if foils is None else list(foils)
+    feature_list = ["token"] * len(prompts) if features is None else list(features)
+    if len(feature_list) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts and {len(feature_list)} feature specifications")
     if not len(prompts) == len(answers) == len(foil_list):
         raise ValueError(
             f"{len(prompts)} prompts, {len(answers)} answers and {len(foil_list)} foils: give "
@@ -215,8 +263,8 @@ def encode_examples(
 
     specials = special_ids(tokenizer)
     return [
-        encode_example(tokenizer, p, a, f, max_length, tokenize, specials)
-        for p, a, f in zip(prompts, answers, foil_list, strict=True)
+        encode_example(tokenizer, p, a, f, max_length, tokenize, specials, g)
+        for p, a, f, g in zip(prompts, answers, foil_list, feature_list, strict=True)
     ]
 
 
@@ -228,7 +276,11 @@ def _encode(
     max_length: int | None,
     tokenize: Tokenize,
     specials: frozenset[int],
+    spans: list[Span] | None = None,
+    text: str | None = None,
 ) -> Encoded:
+    """``text``: the prompt the ``spans`` index (``prompt`` is it, or it without trailing
+    whitespace given to the answer)."""
     enc = tokenize(prompt)
     prompt_ids: list[int] = list(enc["input_ids"])
     special = [
@@ -288,9 +340,45 @@ def _encode(
             )
         return rest
 
+    feature_of = texts = None
+    if spans is not None:
+        source = text or prompt
+        feature_of = _feature_of(tokenizer, source, offsets, special, spans)
+        texts = [source[a:b] for a, b in spans]
     answer_ids = continuation(answer, "answer")
     foil_ids = continuation(foil, "foil") if foil is not None else None
-    return Encoded(prompt_ids, special, offsets, answer_ids, foil_ids)
+    return Encoded(prompt_ids, special, offsets, answer_ids, foil_ids, spans, feature_of, texts)
+
+
+def _feature_of(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    offsets: list[tuple[int, int]],
+    special: list[bool],
+    spans: list[Span],
+) -> list[int]:
+    """The feature of each prompt token (-1: special, or outside every span).
+
+    Raises:
+        ValueError: the tokenizer gives no character offsets, or a feature holds no token
+            (its characters start no token: e.g. a span inside one token).
+    """
+    if not tokenizer.is_fast:
+        raise ValueError(
+            "features other than 'token' need a fast tokenizer (character offsets of tokens)"
+        )
+    of = [
+        -1 if s else f for f, s in zip(token_features(text, offsets, spans), special, strict=True)
+    ]
+    held = set(of)
+    for i, (start, end) in enumerate(spans):
+        if i not in held:
+            raise ValueError(
+                f"feature {i} {quote(text[start:end], 40)} (characters {start}-{end}) holds no "
+                "token of its own: a token belongs to the feature of its first non-space "
+                "character; widen or merge the span"
+            )
+    return of
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> TokenBatch:
@@ -315,6 +403,10 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
     foil_att_rows: list[list[int]] = []
     foil_mask_rows: list[list[bool]] = []
     tokens, token_ids, offsets, answer_tokens = [], [], [], []
+    grouped = any(e.feature_of is not None for e in examples)
+    fid_rows: list[list[int]] = []
+    feature_texts: list[list[str]] = []
+    feature_spans_: list[list[Span]] = []
     for e in examples:
         start = prompt_width - len(e.prompt_ids)
         n_ans = len(e.answer_ids)
@@ -337,9 +429,27 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
         tokens.append(tokenizer.convert_ids_to_tokens(ids))
         offsets.append([e.offsets[i] for i in keep])
         answer_tokens.append(tokenizer.convert_ids_to_tokens(e.answer_ids))
+        if grouped:
+            of = e.feature_of
+            if of is None:  # single tokens, in a batch with grouped examples
+                of, k = [], 0
+                for sp in e.special:
+                    of.append(-1 if sp else k)
+                    k += not sp
+            fid_rows.append([-1] * start + of + [-1] * slot_width)
+        if e.spans is None:
+            feature_texts.append(tokens[-1])
+            feature_spans_.append(offsets[-1])
+        else:
+            feature_spans_.append(list(e.spans))
+            feature_texts.append(list(e.feature_texts or []))
     input_ids = torch.tensor(ids_rows, dtype=torch.long).view(-1, seq)  # [batch, seq]
     attention_mask = torch.tensor(att_rows, dtype=torch.long).view(-1, seq)  # [batch, seq]
-    feature_mask = torch.tensor(feat_rows, dtype=torch.bool).view(-1, seq)  # [batch, seq]
+    feature_ids = torch.tensor(fid_rows, dtype=torch.long).view(-1, seq) if grouped else None
+    if feature_ids is not None:
+        feature_mask = feature_ids >= 0  # [batch, seq]
+    else:
+        feature_mask = torch.tensor(feat_rows, dtype=torch.bool).view(-1, seq)  # [batch, seq]
     answer_mask = torch.tensor(ans_rows, dtype=torch.bool).view(-1, seq)  # [batch, seq]
     foil_ids = torch.tensor(foil_rows, dtype=torch.long).view(-1, seq) if has_foil else None
     foil_attention_mask = (
@@ -366,6 +476,9 @@ def collate(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Encoded]) -> 
         token_ids=token_ids,
         offsets=offsets,
         answer_tokens=answer_tokens,
+        feature_ids=feature_ids,
+        features=feature_texts,
+        spans=feature_spans_,
     )
 
 

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from tokattr.answers import fill_greedy_answers, texts_of
 from tokattr.attribution import Attribution, attribute_collated
-from tokattr.batching import Answer, Encoded, collate, encode_examples
+from tokattr.batching import Answer, Encoded, Features, collate, encode_examples
+from tokattr.chat import DEFAULT_ROLES, chat_prompts
 from tokattr.data.labels import relevance
 from tokattr.methods.problem import Method
 from tokattr.metrics import METRICS, ExactShapleyCache, MetricInputs, applies
@@ -32,6 +33,7 @@ from tokattr.validation import (
     method_specs,
     metric_names,
     per_prompt,
+    per_prompt_features,
     prompt_list,
     target_function,
 )
@@ -61,12 +63,16 @@ def evaluate(
     shapley_max_tokens: int = 16,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    features: Features | Sequence[Features] = "token",
+    sources: Sequence[Sequence[int] | None] | None = None,
+    feature_roles: Sequence[str] = DEFAULT_ROLES,
 ) -> EvaluationTable:
     """Score every method with every metric on the same prompts and answers.
 
     Args:
         lm: the model (:func:`tokattr.load_model`).
-        prompts: the prompts.
+        prompts: the prompts: text, or chats (lists of ``{"role", "content"}`` messages,
+            :func:`tokattr.attribute`).
         answers: the answer attributed for each prompt (a string or token ids); ``None`` (for
             all, or for one prompt in the list): the model's greedy answer, as generated ids.
         methods: method names, or ``{name: {hyper-parameter: value}}``.
@@ -85,6 +91,15 @@ def evaluate(
             :func:`tokattr.models.reinitialised` with ``randomization_seed``).
         n_bootstrap: bootstrap resamples for the 95% intervals.
         progress: show a progress bar.
+        features: what gets a score, for every method and every metric (a metric removes a
+            whole feature): ``"token"`` (default), ``"word"``, ``"sentence"``, ``"line"``,
+            ``"separator:<s>"`` or explicit spans, one for all prompts or one per prompt (see
+            :func:`tokattr.attribute`).
+        sources: per prompt, the indices of the features the answer depends on (e.g.
+            :class:`tokattr.data.LookupGenerator`'s ``sources`` with its ``segments`` as
+            ``features``): the ground truth of ``plausibility_auprc`` and
+            ``plausibility_top1`` (the other features are the negatives).
+        feature_roles: the roles of a chat prompt whose contents are features.
 
     Raises:
         ValueError: unknown method, method parameter, metric, metric parameter or baseline;
@@ -96,15 +111,24 @@ def evaluate(
     check_baseline(baseline)
     target_function(target_fn)
     check_positive_int(batch_size, "batch_size")
+    _, prompts, features = chat_prompts(lm.tokenizer, prompts, features, feature_roles)
     prompts_ = prompt_list(prompts)
     seed_list = list(range(len(prompts_))) if seeds is None else [int(s) for s in seeds]
     if len(seed_list) != len(prompts_):
         raise ValueError(f"{len(seed_list)} seeds for {len(prompts_)} prompts")
     answer_list = per_prompt(answers, len(prompts_), "answer")
+    feature_specs = per_prompt_features(features, prompts_, single=False)
+    source_list = check_sources(sources, len(prompts_))
     # Lengths in tokens before any generation; the greedy answers as generated token ids.
     answer_list = fill_greedy_answers(lm, prompts_, answer_list)
     # Tokenize everything first: a bad prompt fails before any method has run.
-    encoded = encode_examples(lm.tokenizer, prompts_, answer_list, None, lm.max_length)
+    encoded = encode_examples(
+        lm.tokenizer, prompts_, answer_list, None, lm.max_length, feature_specs
+    )
+    for i, (e, src) in enumerate(zip(encoded, source_list, strict=True)):
+        n = len(e.spans) if e.spans is not None else sum(not s for s in e.special)
+        if src is not None and any(not 0 <= j < n for j in src):
+            raise ValueError(f"prompt {i}: sources {list(src)} must index its {n} features")
     if needs_random_model(names) and random_model is None:
         random_model = reinitialised(lm, randomization_seed)
 
@@ -135,6 +159,7 @@ def evaluate(
                 batch_size=batch_size,
                 random_model=random_model,
                 exact=exact,
+                sources=[source_list[i] for i in chunk],
             )
             attributions[method] += scored.attributions
             for name, v in scored.values.items():
@@ -161,7 +186,7 @@ class BatchScores:
 
 def example_key(e: Encoded) -> Hashable:
     """What identifies an example's inputs for the exact-Shapley cache."""
-    return (tuple(e.prompt_ids), tuple(e.answer_ids))
+    return (tuple(e.prompt_ids), tuple(e.answer_ids), e.feature_key())
 
 
 def score_batch(
@@ -183,6 +208,7 @@ def score_batch(
     exact: ExactShapleyCache | None = None,
     roles: Sequence[Sequence[str] | None] | None = None,
     keep_errors: bool = False,
+    sources: Sequence[Sequence[int] | None] | None = None,
 ) -> BatchScores:
     """Attribute one batch of encoded examples with one method and compute every metric that
     applies to it (each metric's ``applies_to``), one value per example: the building block
@@ -194,6 +220,8 @@ def score_batch(
             ``None``: a cache for this call only.
         roles: each prompt's per-character roles, the task's ground truth for plausibility
             (``None``: parsed from the prompt where the arithmetic parser reads it).
+        sources: each prompt's source features (the plausibility positives; the other
+            features are negatives), instead of ``roles``.
         keep_errors: an example whose target score or scores are not finite is reported in
             ``errors`` (and left out of the metrics) instead of stopping the batch.
     """
@@ -222,7 +250,7 @@ def score_batch(
     attrs = [all_attrs[i] for i in good]
     keys = [example_key(encoded[i]) for i in good]
     problem = batch_problem(lm, batch, baseline, target_fn, [seeds[i] for i in good], batch_size)
-    mask = batch.feature_mask.cpu()
+    mask = problem.lead_mask.cpu()  # where each feature's value sits
     scores = _full_scores(attrs, mask).to(lm.device)
     if runner.gives_exact_shapley:
         exact.put(keys, mask, scores)
@@ -238,7 +266,7 @@ def score_batch(
         problem=problem,
         scores=scores,
         method=runner,
-        labels=_labels(encoded, prompts, roles, good, mask),
+        labels=_labels(encoded, prompts, roles, sources, good, mask),
         exact_shapley=lambda: exact.reference(keys, problem),
         random_scores=random_scores,
     )
@@ -265,7 +293,8 @@ def score_batch(
 
 
 def _full_scores(attrs: Sequence[Attribution], feature_mask: Tensor) -> Tensor:
-    """Attribution scores back in the batch layout. ``[batch, seq]`` float32, 0 off features."""
+    """Attribution scores back in the batch layout: each feature's score on its first column
+    (``feature_mask``: those columns). ``[batch, seq]`` float32, 0 elsewhere."""
     out = torch.zeros(feature_mask.shape, dtype=torch.float32)
     mask = feature_mask.cpu()
     for b, a in enumerate(attrs):
@@ -277,18 +306,50 @@ def _labels(
     encoded: Sequence[Encoded],
     prompts: Sequence[str],
     roles: Sequence[Sequence[str] | None] | None,
+    sources: Sequence[Sequence[int] | None] | None,
     rows: Sequence[int],
     feature_mask: Tensor,
 ) -> Tensor:
-    """The task's per-token ground truth (:func:`tokattr.data.labels.relevance`) in the batch
-    layout: ``[batch, seq]`` long, 1 / 0 / -1, -1 off the features and for unlabelled prompts."""
+    """The task's ground truth per feature in the batch layout (``feature_mask``: each
+    feature's first column): ``[batch, seq]`` long, 1 / 0 / -1, -1 off the features and for
+    unlabelled prompts. A prompt's ``sources`` are its positives and its other features the
+    negatives; without them, the arithmetic relevance of its tokens
+    (:func:`tokattr.data.labels.relevance`), a feature of several tokens taking the highest
+    label among them."""
     out = torch.full(feature_mask.shape, -1, dtype=torch.long)
     for b, i in enumerate(rows):
         e = encoded[i]
-        offsets = [o for o, special in zip(e.offsets, e.special, strict=True) if not special]
-        value = relevance(prompts[i], offsets, None if roles is None else roles[i])
+        n = int(feature_mask[b].sum())
+        src = None if sources is None else sources[i]
+        if src is not None:
+            value = [1 if j in set(src) else 0 for j in range(n)]
+        else:
+            offsets = [o for o, special in zip(e.offsets, e.special, strict=True) if not special]
+            value = relevance(prompts[i], offsets, None if roles is None else roles[i])
+            if value is not None and e.feature_of is not None:
+                of = [f for f, special in zip(e.feature_of, e.special, strict=True) if not special]
+                grouped = [-1] * n
+                for f, v in zip(of, value, strict=True):
+                    if f >= 0:
+                        grouped[f] = max(grouped[f], v)
+                value = grouped
         if value is not None:
             out[b, feature_mask[b]] = torch.tensor(value, dtype=torch.long)
+    return out
+
+
+def check_sources(
+    sources: Sequence[Sequence[int] | None] | None, n_prompts: int
+) -> list[Sequence[int] | None]:
+    """One list of source feature indices (or ``None``) per prompt."""
+    if sources is None:
+        return [None] * n_prompts
+    out = list(sources)
+    if len(out) != n_prompts:
+        raise ValueError(f"{len(out)} source lists for {n_prompts} prompts")
+    for i, src in enumerate(out):
+        if src is not None and not all(isinstance(j, int) for j in src):
+            raise ValueError(f"prompt {i}: sources must be feature indices, got {src!r}")
     return out
 
 

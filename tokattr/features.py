@@ -73,6 +73,36 @@ def feature_spans(text: str, features: str | Sequence[Span]) -> list[Span] | Non
     return spans
 
 
+class NamedSpans(list):
+    """Explicit spans that carry the name of the granularity they were made from (e.g. the
+    sentences of a chat prompt's user messages, ``"chat:sentence"``)."""
+
+    def __init__(self, spans: Sequence[Span], name: str) -> None:
+        super().__init__(spans)
+        self.name = name
+
+
+def granularity_of(features: str | Sequence[Span]) -> str:
+    """The name of a feature specification: the granularity's name, or ``"spans"``."""
+    if isinstance(features, str):
+        return features
+    return getattr(features, "name", "spans")
+
+
+def is_spans(value: object) -> bool:
+    """Whether ``value`` looks like explicit spans (a sequence of pairs), not a list of
+    specifications."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        return False
+    first = value[0]
+    return (
+        isinstance(first, Sequence)
+        and not isinstance(first, str)
+        and len(first) == 2
+        and all(isinstance(v, int) for v in first)
+    )
+
+
 def check_spans(text: str, spans: Sequence[Span]) -> list[Span]:
     """Explicit spans as a list of ``(start, end)`` int pairs, each inside ``text``, non-empty,
     in order and not overlapping.

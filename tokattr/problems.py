@@ -17,7 +17,7 @@ from tokattr.engine.memory import ModelShape, sequences_per_pass
 from tokattr.engine.packing import Branches
 from tokattr.methods.problem import AttributionProblem, Forward
 from tokattr.models import LanguageModel
-from tokattr.targets import TargetFunction, TargetInputs, target_inputs
+from tokattr.targets import TargetFunction, TargetInputs, log_prob, target_inputs
 from tokattr.validation import check_baseline, target_function
 
 DEFAULT_BATCH_SIZE = 64
@@ -81,6 +81,8 @@ def batch_problem(
         prefix_ok=supports_prefix(lm, fn),
         branches_ok=supports_branches(lm, fn),
         shape=ModelShape.of(lm.model),
+        feature_ids=batch.feature_ids,
+        log_prob_target=fn is log_prob,
     )
 
 

@@ -12,7 +12,9 @@ import inspect
 import numbers
 from collections.abc import Mapping, Sequence
 
-from tokattr.batching import Answer, check_prompt, is_token_ids
+from tokattr.batching import Answer, Features, check_prompt, is_token_ids
+from tokattr.features import feature_spans, is_spans
+from tokattr.messages import quote
 from tokattr.methods import METHODS
 from tokattr.methods.problem import Method
 from tokattr.metrics import METRICS, applies
@@ -189,6 +191,45 @@ def per_prompt(
     if what == "foil" and any(v is None for v in values):
         raise ValueError("give a foil for every prompt")
     return values
+
+
+def per_prompt_features(
+    features: Features | Sequence[Features], prompts: Sequence[str], single: bool
+) -> list[Features]:
+    """One feature specification per prompt, each checked against its prompt now (before any
+    model call): a granularity name or explicit spans for every prompt, or a list with one per
+    prompt. A single prompt's explicit spans are a list of pairs.
+
+    Raises:
+        ValueError: a granularity that does not exist, spans out of range, overlapping, out of
+            order or empty, a prompt with no feature, or a list of the wrong length.
+    """
+    if (
+        isinstance(features, str)
+        or (single and is_spans(features))
+        or (isinstance(features, Sequence) and not features and single)
+    ):
+        specs = [features] * len(prompts)
+    elif isinstance(features, Sequence) and not is_spans(features):
+        specs = list(features)
+        if len(specs) != len(prompts):
+            raise ValueError(
+                f"{len(specs)} feature specifications for {len(prompts)} prompts: give one "
+                "granularity for all, or one per prompt"
+            )
+    else:
+        raise ValueError(
+            "features must be a granularity name (token, word, sentence, line, "
+            "separator:<s>), a prompt's (start, end) spans, or one of those per prompt; got "
+            f"{quote(features, 40)}"
+        )
+    for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
+        try:
+            feature_spans(prompt, spec)  # type: ignore[arg-type]
+        except ValueError as err:
+            where = "" if single else f"prompt {i} {quote(prompt, 40)}: "
+            raise ValueError(f"{where}{err}") from None
+    return specs  # type: ignore[return-value]
 
 
 def per_prompt_seed(seed: int | Sequence[int | None] | None, n: int) -> list[int | None]:

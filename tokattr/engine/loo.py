@@ -37,7 +37,7 @@ def leave_one_out(
     slots = torch.arange(n_max, device=device)[None]  # [1, n_max]
     rows, slot = (slots < problem.n_features[:, None]).nonzero(as_tuple=True)  # [P] each
     if share_prefixes and problem.prefix_ok:
-        fx, removed = _sharing_prefixes(problem, rows, problem.feature_columns()[rows, slot])
+        fx, removed = _sharing_prefixes(problem, rows, problem.feature_columns()[rows, slot], slot)
     else:
         # One pass over every perturbation of every row, plus each row unperturbed.
         keep = torch.ones(len(rows) + problem.n_rows, n_max, dtype=torch.bool, device=device)
@@ -59,17 +59,18 @@ key/value-cache passes (:func:`_with_cache`). Where the two cross over on CPU is
 
 
 def _sharing_prefixes(
-    problem: AttributionProblem, rows: Tensor, columns: Tensor
+    problem: AttributionProblem, rows: Tensor, columns: Tensor, slots: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``f(x)`` per row and ``f(x without column c)`` per perturbation (``rows``, ``columns``
-    ``[P]``), computing each row's columns before a removed token once for all its
-    perturbations. Rows whose tree is short go packed (:class:`~tokattr.engine.packing.Branches`),
-    the others through key/value-cache passes (:func:`_with_cache`)."""
+    """``f(x)`` per row and ``f(x without feature slot s)`` per perturbation (``rows``,
+    ``columns`` (the feature's first column), ``slots`` ``[P]``), computing each row's columns
+    before a removed feature once for all its perturbations. Rows whose tree is short go
+    packed (:class:`~tokattr.engine.packing.Branches`), the others through key/value-cache
+    passes (:func:`_with_cache`)."""
     device = problem.embeds.device
     fx = torch.empty(problem.n_rows, device=device)
     removed = torch.empty(len(rows), device=device)
     if not problem.branches_ok:  # the model cannot take packed passes: all through the cache
-        return _with_cache(problem, rows, columns)
+        return _with_cache(problem, rows, columns, slots)
     size, scored = tree_sizes(problem.inputs, columns, rows)  # [batch] each
     per_pass = _packed_rows_per_pass(problem)
     fits = [per_pass(n, k) > 0 for n, k in zip(size.tolist(), scored.tolist(), strict=True)]
@@ -79,7 +80,9 @@ def _sharing_prefixes(
         where = torch.full((problem.n_rows,), -1, dtype=torch.long, device=device)
         where[cached] = torch.arange(len(cached), device=device)
         mine = where[rows] >= 0
-        f_sub, r_sub = _with_cache(problem.select(cached), where[rows[mine]], columns[mine])
+        f_sub, r_sub = _with_cache(
+            problem.select(cached), where[rows[mine]], columns[mine], slots[mine]
+        )
         fx[cached] = f_sub.to(fx.dtype)
         removed[mine] = r_sub.to(removed.dtype)
     trees = packed.nonzero().squeeze(-1).tolist()
@@ -98,7 +101,14 @@ def _sharing_prefixes(
         at_row[r] = -1
         x = problem.embeds[r][:, cols]
         c = columns[mine] - cols.start
-        base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]: the removed tokens
+        if problem.grouped:  # a feature of several tokens: the branches' whole embeddings
+            p_rows = rows[mine]
+            out = (problem.column_feature[p_rows, cols] == slots[mine, None])[..., None]
+            base = torch.where(
+                out, problem.baselines[p_rows, cols], problem.embeds[p_rows, cols]
+            )  # [m, seq', d_model]
+        else:
+            base = problem.baselines[rows[mine], columns[mine]]  # [m, d_model]: the removed tokens
         packing = torch.tensor([k for k, b in enumerate(bins[i:j]) for _ in b], device=device)
         passes = min(n_per_pass, j - i)
         with torch.inference_mode():
@@ -159,24 +169,29 @@ def _packed_rows_per_pass(problem: AttributionProblem) -> Callable[[int, int], i
 
 
 def _with_cache(
-    problem: AttributionProblem, rows: Tensor, columns: Tensor
+    problem: AttributionProblem, rows: Tensor, columns: Tensor, slots: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``f(x)`` per row and ``f(x without column c)`` per perturbation, re-running each
+    """``f(x)`` per row and ``f(x without feature slot s)`` per perturbation (``columns``: the
+    feature's first column), re-running each
     perturbed sequence only from its first changed column: the earlier columns' key/value
     states come from the unperturbed pass. Perturbations go in column order, in bands of
     like columns (:func:`_bands`), so a pass's shared prefix is close to each of its
     sequences' own."""
     fx, states = problem.states()
     order = torch.argsort(columns, stable=True)
-    rows_s, cols_s = rows[order], columns[order]
+    rows_s, cols_s, slots_s = rows[order], columns[order], slots[order]
 
     def run(i: int, j: int) -> Tensor:
         r, c = rows_s[i:j], cols_s[i:j]
         cols = problem.trim(r)  # cols.start <= offset: the left padding ends first
         offset = int(c.min())
-        x = problem.embeds[r].clone()  # [chunk, seq, d_model]
-        at = torch.arange(len(r), device=x.device)
-        x[at, c] = problem.baselines[r, c]
+        if problem.grouped:  # every token of the feature
+            out = (problem.column_feature[r] == slots_s[i:j, None])[..., None]
+            x = torch.where(out, problem.baselines[r], problem.embeds[r])
+        else:
+            x = problem.embeds[r].clone()  # [chunk, seq, d_model]
+            at = torch.arange(len(r), device=x.device)
+            x[at, c] = problem.baselines[r, c]
         past = Prefix(prefix_cache(states, r, offset, cols.start), offset - cols.start)
         with torch.inference_mode():
             return problem.forward(x[:, cols], problem.inputs.select(r, cols), past=past)

@@ -7,6 +7,7 @@ target function) and returns per-token scores. Use them through :func:`tokattr.a
 
 from __future__ import annotations
 
+from tokattr.methods.context_cite import ContextCite
 from tokattr.methods.exact_shapley import ExactShapley
 from tokattr.methods.input_x_gradient import InputXGradient
 from tokattr.methods.integrated_gradients import IntegratedGradients
@@ -25,6 +26,7 @@ METHODS: dict[str, type[Method]] = {
     "kernel_shap": KernelShap,
     "shapley_sampling": ShapleyValueSampling,
     "exact_shapley": ExactShapley,
+    "context_cite": ContextCite,
     "random": RandomAttribution,
 }
 """Method name -> method class (explicit; no discovery)."""
@@ -32,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
 __all__ = [
     "METHODS",
     "AttributionProblem",
+    "ContextCite",
     "ExactShapley",
     "InputXGradient",
     "IntegratedGradients",

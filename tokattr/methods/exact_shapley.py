@@ -14,17 +14,20 @@ class ExactShapley(Method):
     """Exact Shapley values: Shapley, "A Value for n-Person Games", Contributions to the
     Theory of Games II, 1953.
 
-    The players are the prompt's tokens; a coalition keeps its tokens and replaces the others
-    by the baseline embedding (positions kept). ``phi_i = sum_{S not containing i}
+    The players are the prompt's features (its tokens by default; words, sentences or parts
+    with ``features=``, so a long prompt of a dozen sentences has exact values); a coalition
+    keeps its features and replaces the others' tokens by the baseline embedding (positions
+    kept). ``phi_i = sum_{S not containing i}
     |S|! (n-|S|-1)! / n! * (f(S + i) - f(S))``, computed from the target on every one of the
     2^n coalitions (in float64). Whole-token, signed; efficiency holds exactly:
     ``sum(phi) = f(all) - f(none)``.
 
     Batching: the coalitions of all rows are evaluated ``batch_size`` sequences per forward.
-    Refuses rows with more than ``max_tokens`` tokens (2^16 = 65,536 sequences at the default).
+    Refuses rows with more than ``max_tokens`` features (2^16 = 65,536 sequences at the
+    default).
 
     Args:
-        max_tokens: the most prompt tokens a row may have, >= 1.
+        max_tokens: the most features (tokens by default) a row may have, >= 1.
     """
 
     gives_exact_shapley = True
@@ -41,10 +44,11 @@ class ExactShapley(Method):
         too_long = max(n_features)
         if too_long > self.max_tokens:
             raise ValueError(
-                f"exact_shapley enumerates all 2^n coalitions of the prompt's tokens; a prompt "
-                f"has {too_long} tokens, more than max_tokens={self.max_tokens} "
+                f"exact_shapley enumerates all 2^n coalitions of the prompt's features; a "
+                f"prompt has {too_long} features, more than max_tokens={self.max_tokens} "
                 f"(2^{too_long} = {2**too_long:,} model evaluations). Use kernel_shap or "
-                "shapley_sampling, or raise max_tokens."
+                "shapley_sampling, coarser features (features='sentence', ...), or raise "
+                "max_tokens."
             )
         n_max = too_long
         rows, keeps = [], []

@@ -3,6 +3,13 @@
 A method gets an :class:`AttributionProblem` (a batch of rows) and returns a
 :class:`MethodOutput` with one score per column, exactly 0 off the features.
 
+A *feature* is one token (the default) or a group of consecutive tokens (a word, a sentence,
+a demonstration: :mod:`tokattr.features`), ``feature_ids``. Removing a feature replaces every
+one of its tokens by the baseline; a feature's score is the sum of its columns' scores, so a
+perturbation method puts a feature's value on its first column
+(:meth:`AttributionProblem.scatter`) and a gradient method leaves its per-token scores, summed
+over the feature afterwards (:meth:`AttributionProblem.reduce`).
+
 Baselines equal the input embeddings everywhere except at feature columns, so "replace the
 whole row by its baseline" only ever removes features: BOS, padding and the answer slot stay
 as they are whatever a method perturbs.
@@ -77,6 +84,37 @@ class AttributionProblem:
     prefix_ok: bool = False
     branches_ok: bool = False
     shape: ModelShape | None = None
+    feature_ids: Tensor | None = None  # [batch, seq] long: feature of each column, -1 off them
+    log_prob_target: bool = False  # the target is the answer's log-probability (targets.log_prob)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether features are groups of tokens (``feature_ids`` given), not single tokens."""
+        return self.feature_ids is not None
+
+    @functools.cached_property
+    def column_feature(self) -> Tensor:
+        """The feature each column belongs to (its slot, 0 to ``n - 1`` in column order), -1
+        off the features. ``[batch, seq]`` long"""
+        if self.feature_ids is not None:
+            return self.feature_ids.to(self.feature_mask.device)
+        mask = self.feature_mask
+        return torch.where(
+            mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long)
+        )
+
+    @functools.cached_property
+    def lead_mask(self) -> Tensor:
+        """The first column of every feature: where a feature's value sits in a
+        ``[batch, seq]`` score tensor (every feature column for single-token features).
+        ``[batch, seq]`` bool"""
+        if self.feature_ids is None:
+            return self.feature_mask
+        fid = self.column_feature
+        # Ids grow with the column; a feature's later columns (even after a special token
+        # inside it) hold an id already seen.
+        seen = torch.cat([torch.full_like(fid[:, :1], -1), fid[:, :-1]], dim=1).cummax(-1).values
+        return fid > seen
 
     @property
     def grad_batch(self) -> int:
@@ -115,7 +153,7 @@ class AttributionProblem:
     @property
     def n_features(self) -> Tensor:
         """Features per row. [batch]"""
-        return self.feature_mask.sum(-1)
+        return self.lead_mask.sum(-1)
 
     def select(self, rows: Tensor) -> AttributionProblem:
         """The rows ``rows`` (an index tensor ``[n]``) as a problem of their own."""
@@ -132,24 +170,26 @@ class AttributionProblem:
             prefix_ok=self.prefix_ok,
             branches_ok=self.branches_ok,
             shape=self.shape,
+            feature_ids=None if self.feature_ids is None else self.feature_ids[rows],
+            log_prob_target=self.log_prob_target,
         )
 
     def feature_columns(self) -> Tensor:
-        """Column of each row's k-th feature; slots past a row's last feature hold a column that
-        is not a feature (where removing is a no-op). [batch, n_max]"""
-        n_max = int(self.n_features.max())
-        cols = torch.arange(self.feature_mask.shape[1], device=self.feature_mask.device)
-        # Features first (in column order), then the rest: a stable sort on "is not a feature".
-        order = torch.sort((~self.feature_mask).long(), dim=-1, stable=True).indices
-        ranked = cols[order]  # [batch, seq]
-        first_free = (~self.feature_mask).long().argmax(-1, keepdim=True)  # [batch, 1]
-        k = torch.arange(n_max, device=cols.device)[None]  # [1, n_max]
-        valid = k < self.n_features[:, None]  # [batch, n_max]
-        return torch.where(valid, ranked[:, :n_max], first_free)  # [batch, n_max]
+        """First column of each row's k-th feature (its only one for single-token features);
+        slots past a row's last feature hold a column that is not a feature (where removing
+        is a no-op). [batch, n_max]"""
+        return _ranked_columns(self.lead_mask, self.feature_mask, int(self.n_features.max()))
+
+    def token_columns(self) -> tuple[Tensor, Tensor]:
+        """Every feature column of each row in order (the columns of all its features), padded
+        with a non-feature column, and how many each row has. ``[batch, t_max]``, ``[batch]``"""
+        n = self.feature_mask.sum(-1)
+        return _ranked_columns(self.feature_mask, self.feature_mask, int(n.max())), n
 
     def scatter(self, values: Tensor) -> Tensor:
-        """Per-feature values ``[batch, n_max]`` -> per-column scores ``[batch, seq]`` (0 off the
-        features, float32)."""
+        """Per-feature values ``[batch, n_max]`` -> per-column scores ``[batch, seq]``: each
+        value on its feature's first column, 0 elsewhere (float32), so summing a feature's
+        columns (:meth:`reduce`) gives it back."""
         out = torch.zeros(self.feature_mask.shape, dtype=torch.float32, device=values.device)
         n = self.n_features.to(values.device)
         valid = torch.arange(values.shape[1], device=values.device)[None] < n[:, None]
@@ -157,6 +197,39 @@ class AttributionProblem:
         for b in range(out.shape[0]):
             out[b, cols[b, valid[b]]] = values[b, valid[b]].float()
         return out
+
+    def reduce(self, scores: Tensor) -> Tensor:
+        """Per-column scores ``[batch, seq]`` -> per-feature scores ``[batch, n_max]``: the
+        sum over each feature's columns (0 past a row's features; float32). Exactly the
+        feature's column for single-token features."""
+        fid = self.column_feature.to(scores.device)
+        n_max = int(self.n_features.max())
+        if not self.grouped:
+            cols = self.feature_columns().to(scores.device)
+            valid = torch.arange(n_max, device=scores.device)[None] < self.n_features[:, None].to(
+                scores.device
+            )
+            return torch.where(valid, scores.float().gather(1, cols), 0.0)
+        out = torch.zeros(scores.shape[0], n_max + 1, dtype=torch.float32, device=scores.device)
+        sink = torch.where(fid >= 0, fid, n_max)
+        out.scatter_add_(1, sink, scores.float())
+        return out[:, :n_max]
+
+    def keep_columns(self, rows: Tensor, keep: Tensor) -> Tensor:
+        """Per-feature keep flags ``[n, k]`` of rows ``rows`` -> per-column ``[n, seq]`` bool
+        (True off the features and for slots past ``k``)."""
+        fid = self.column_feature[rows]  # [n, seq]
+        width = keep.shape[1]
+        inside = (fid >= 0) & (fid < width)
+        return torch.where(inside, keep.gather(1, fid.clamp(0, width - 1)), True)
+
+    def scale_columns(self, rows: Tensor, alpha: Tensor) -> Tensor:
+        """Per-feature scales ``[n, k]`` of rows ``rows`` -> per-column ``[n, seq]`` (1 off the
+        features and for slots past ``k``)."""
+        fid = self.column_feature[rows]  # [n, seq]
+        width = alpha.shape[1]
+        inside = (fid >= 0) & (fid < width)
+        return torch.where(inside, alpha.gather(1, fid.clamp(0, width - 1)), 1.0).to(alpha.dtype)
 
     @torch.no_grad()
     def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
@@ -178,7 +251,6 @@ class AttributionProblem:
         rows = rows.to(device)
         keep = keep.to(device).bool()
         width = keep.shape[1]
-        columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
         # Slots past a row's features point at a non-feature column: always "keep" there.
         keep = keep | (slots >= self.n_features[rows, None])  # [n, k]
@@ -193,8 +265,7 @@ class AttributionProblem:
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]  # [chunk]
             k = keep[i:j]  # [chunk, k]
-            col_keep = torch.ones(r.shape[0], self.embeds.shape[1], dtype=torch.bool, device=device)
-            col_keep.scatter_(1, columns[r], k)  # [chunk, seq]
+            col_keep = self.keep_columns(r, k)  # [chunk, seq]
             cols = self.trim(r)
             x = torch.where(col_keep[:, cols, None], self.embeds[r, cols], self.baselines[r, cols])
             with torch.inference_mode():  # faster; the result is copied out of it below
@@ -221,7 +292,6 @@ class AttributionProblem:
         rows = rows.to(device)
         alpha = alpha.to(device=device, dtype=self.embeds.dtype)
         width = alpha.shape[1]
-        columns = self.feature_columns()[:, :width]  # [batch, k]
         slots = torch.arange(width, device=device)[None]  # [1, k]
 
         order = self.by_length(rows)
@@ -231,8 +301,7 @@ class AttributionProblem:
             r = rows[i:j]  # [chunk]
             a = alpha[i:j]  # [chunk, k]
             a = torch.where(slots < self.n_features[r, None], a, torch.ones_like(a))
-            col_alpha = torch.ones(r.shape[0], self.embeds.shape[1], dtype=a.dtype, device=device)
-            col_alpha.scatter_(1, columns[r], a)  # [chunk, seq]
+            col_alpha = self.scale_columns(r, a)  # [chunk, seq]
             cols = self.trim(r)
             base, x_in = self.baselines[r, cols], self.embeds[r, cols]  # [chunk, seq', d_model]
             x = base + col_alpha[:, cols, None] * (x_in - base)
@@ -298,6 +367,19 @@ class AttributionProblem:
             return self.evaluate(rows, keep > 0.5)
 
         return forward
+
+
+def _ranked_columns(mask: Tensor, feature_mask: Tensor, width: int) -> Tensor:
+    """The columns where ``mask`` holds, in order, ``width`` per row; slots past a row's count
+    hold its first column off ``feature_mask``. ``[batch, width]``"""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    # The marked columns first (in column order), then the rest: a stable sort.
+    order = torch.sort((~mask).long(), dim=-1, stable=True).indices
+    ranked = cols[order]  # [batch, seq]
+    first_free = (~feature_mask).long().argmax(-1, keepdim=True)  # [batch, 1]
+    k = torch.arange(width, device=cols.device)[None]  # [1, width]
+    valid = k < mask.sum(-1, keepdim=True)  # [batch, width]
+    return torch.where(valid, ranked[:, :width], first_free)  # [batch, width]
 
 
 @dataclass(frozen=True)

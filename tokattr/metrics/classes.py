@@ -261,6 +261,42 @@ class PlausibilityAUPRC(PerExampleMetric):
         return F.plausibility_auprc(inputs.scores.cpu(), labels)
 
 
+class PlausibilityTop1(PerExampleMetric):
+    """Whether the feature with the largest ``|score|`` is a relevant one (label 1): on the
+    lookup task, whether the top segment is the definition the answer came from. Higher is
+    better; ``random`` scores about one over the number of candidates."""
+
+    higher_is_better = True
+    name = "plausibility_top1"
+    needs = frozenset({"labels"})
+
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        labels = inputs.need("labels", self.name)
+        return F.plausibility_top1(inputs.scores.cpu(), labels)
+
+
+class LDS(PerExampleMetric):
+    """Linear datamodeling score (Park et al., ICML 2023; Cohen-Wang et al., NeurIPS 2024):
+    Spearman correlation between the sum of the removed features' scores and the actual drop
+    of ``f``, over random ablations that keep each feature with probability ``keep_prob``.
+    Higher is better."""
+
+    higher_is_better = True
+    name = "lds"
+
+    def __init__(self, n_ablations: int = 32, keep_prob: float = 0.5, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(n_ablations, int) or n_ablations < 2 or not 0 < keep_prob < 1:
+            raise ValueError(
+                "lds: n_ablations must be an integer >= 2 and 0 < keep_prob < 1, got "
+                f"{n_ablations!r}, {keep_prob!r}"
+            )
+        self.n_ablations, self.keep_prob = n_ablations, keep_prob
+
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.lds(inputs.problem, inputs.scores, self.n_ablations, self.keep_prob)
+
+
 class RandomizationSpearman(PerExampleMetric):
     """Spearman correlation between scores on the model and on the same architecture with
     re-initialised weights (Adebayo et al., NeurIPS 2018). Lower is better: a method whose

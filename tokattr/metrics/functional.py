@@ -12,6 +12,9 @@ References:
     Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019.
     Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017.
     Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018.
+    Park et al., "TRAK: Attributing Model Behavior at Scale", ICML 2023, and Cohen-Wang et
+    al., "ContextCite: Attributing Model Generation to Context", NeurIPS 2024 (the linear
+    datamodeling score).
 """
 
 from __future__ import annotations
@@ -199,11 +202,11 @@ def relative_completeness_error(total: Tensor, fx: Tensor, fb: Tensor) -> Tensor
 
 
 def _row_noise(problem: AttributionProblem, samples: int, width: int, kind: str) -> Tensor:
-    """``samples`` noise draws of ``[n_features, width]`` per row, each row from its own seed
-    and sized by its own token count, so that a row's draws do not depend on its batch, its
-    padding or its rank. ``[batch * samples, n_max, width]`` (rows repeated in place, 0 past
-    a row's features)."""
-    n = problem.n_features.tolist()
+    """``samples`` noise draws of ``[n, width]`` per row (``n``: its features, or with
+    ``kind="uniform"`` its feature tokens), each row from its own seed and sized by its own
+    count, so that a row's draws do not depend on its batch, its padding or its rank.
+    ``[batch * samples, n_max, width]`` (rows repeated in place, 0 past a row's count)."""
+    n = (problem.n_features if kind == "normal" else problem.token_columns()[1]).tolist()
     out = torch.zeros(problem.n_rows * samples, max(n), width)
     for b in range(problem.n_rows):
         seed = problem.seeds[b]
@@ -271,11 +274,12 @@ def max_sensitivity(
     """
     d_model = problem.embeds.shape[-1]
     slots = _row_noise(problem, n_perturb_samples, d_model, "uniform") * perturb_radius
-    # Feature slot j of a row -> its column: [batch * samples, seq, d_model], 0 elsewhere.
-    cols = problem.feature_columns().repeat_interleave(n_perturb_samples, 0).cpu()
+    # Feature token j of a row -> its column: [batch * samples, seq, d_model], 0 elsewhere.
+    token_cols, n_tokens = problem.token_columns()
+    cols = token_cols.repeat_interleave(n_perturb_samples, 0).cpu()
     valid = (
         torch.arange(cols.shape[1])[None]
-        < problem.n_features.cpu().repeat_interleave(n_perturb_samples)[:, None]
+        < n_tokens.cpu().repeat_interleave(n_perturb_samples)[:, None]
     )
     noise = torch.zeros(cols.shape[0], problem.embeds.shape[1], d_model)
     index = torch.where(valid, cols, torch.full_like(cols, problem.embeds.shape[1]))
@@ -298,6 +302,8 @@ def max_sensitivity(
         sub = dataclasses.replace(problem.select(rows), embeds=embeds.detach())
         with torch.enable_grad():
             scores = method.attribute(sub).scores.float()
+        if problem.grouped:  # compare feature scores (a feature's tokens summed)
+            scores = sub.reduce(scores)
         return (scores,) if as_tuple else scores
 
     out = captum.metrics.sensitivity_max(
@@ -320,6 +326,61 @@ def shapley_error(scores: Tensor, exact: Tensor, feature_mask: Tensor) -> Tensor
     norm = phi.norm(dim=-1)
     err = (s - phi).norm(dim=-1) / norm.clamp(min=1e-300)
     return torch.where(norm > 0, err, torch.full_like(err, math.nan))
+
+
+LDS_SALT = 0x1D5
+"""Mixed into each row's seed for the LDS ablations, so they are held out from the draws of
+seeded methods (``context_cite``, ``kernel_shap``) with the same row seed."""
+
+
+def random_ablations(
+    problem: AttributionProblem, n: int, keep_prob: float, salt: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``n`` random keep-masks per row, each feature kept with probability ``keep_prob``,
+    drawn from the row's seed (plus ``salt``) and sized by its own feature count, so a row's
+    ablations do not depend on its batch. ``[batch * n]`` rows, ``[batch * n, n_max]`` bool
+    (True past a row's features)."""
+    counts = problem.n_features.tolist()
+    n_max = max(counts)
+    keep = torch.ones(problem.n_rows * n, n_max, dtype=torch.bool)
+    for b, k in enumerate(counts):
+        seed = problem.seeds[b]
+        gen = None if seed is None else torch.Generator().manual_seed(seed + salt)
+        keep[b * n : (b + 1) * n, :k] = torch.rand(n, k, generator=gen) < keep_prob
+    return torch.arange(problem.n_rows).repeat_interleave(n), keep
+
+
+def lds(
+    problem: AttributionProblem, scores: Tensor, n_ablations: int = 32, keep_prob: float = 0.5
+) -> Tensor:
+    """Linear datamodeling score (Park et al., 2023; ContextCite's evaluation, Cohen-Wang et
+    al., 2024): Spearman correlation, over ``n_ablations`` random ablations (each feature kept
+    with probability ``keep_prob``, seeded per row and held out from the methods' own draws),
+    between the change the scores predict, the sum of the removed features' scores, and the
+    actual change ``f(x) - f(ablated)``. Higher is better. ``[batch]`` float64, NaN where
+    either side is constant."""
+    values, _ = feature_values(problem, scores)
+    rows, keep = random_ablations(problem, n_ablations, keep_prob, LDS_SALT)
+    fx, _ = endpoints(problem)
+    f = problem.evaluate(rows, keep).double().cpu().view(problem.n_rows, n_ablations)
+    actual = fx[:, None] - f  # [batch, n]
+    removed = (~keep).view(problem.n_rows, n_ablations, -1).double()  # [batch, n, n_max]
+    predicted = (removed * values.cpu().double()[:, None]).sum(-1)  # [batch, n]
+    mask = torch.ones_like(actual, dtype=torch.bool)
+    return spearman(predicted, actual, mask)
+
+
+def plausibility_top1(scores: Tensor, labels: Tensor) -> Tensor:
+    """Whether the feature with the largest ``|score|`` among the labelled ones is a positive
+    (label 1): for context attribution, whether the top segment is the one the answer came
+    from. Higher is better. ``[batch]`` float64 (1 or 0), NaN for prompts without a positive
+    and a negative."""
+    labelled = labels >= 0
+    both = ((labels == 1) & labelled).any(-1) & ((labels == 0) & labelled).any(-1)
+    magnitude = torch.where(labelled, scores.abs().double(), -math.inf)
+    top = magnitude.argmax(-1)
+    hit = (labels.gather(1, top[:, None]).squeeze(1) == 1).double()
+    return torch.where(both, hit, torch.full_like(hit, math.nan))
 
 
 def plausibility_auprc(scores: Tensor, labels: Tensor) -> Tensor:

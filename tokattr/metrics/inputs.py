@@ -35,10 +35,12 @@ class MetricInputs:
         problem: the batch as the methods saw it (one row per example, scoring its whole
             answer): metrics re-evaluate the model through it, removing a token exactly as
             the methods do.
-        scores: ``[batch, seq]`` the method's scores (0 off the features).
+        scores: ``[batch, seq]`` the method's scores, each feature's on its first column (0
+            elsewhere).
         method: the method instance, for metrics that re-run it.
-        labels: ``[batch, seq]`` long ground truth per token: 1 relevant, 0 irrelevant, -1
-            unknown (the task's labels, e.g. arithmetic roles, as data).
+        labels: ``[batch, seq]`` long ground truth per feature (on its first column): 1
+            relevant, 0 irrelevant, -1 unknown (the task's labels, e.g. arithmetic roles or a
+            lookup's source segment, as data).
         exact_shapley: ``[batch, seq]`` exact Shapley values (NaN rows where not computed),
             or a function computing them on first use.
         random_scores: ``[batch, seq]`` the method's scores on the re-initialised model, or a
@@ -55,8 +57,9 @@ class MetricInputs:
 
     @property
     def feature_mask(self) -> Tensor:
-        """``[batch, seq]`` bool on the CPU."""
-        return self.problem.feature_mask.cpu()
+        """Where each feature's value sits in ``scores`` (its first column; every feature
+        column for single tokens). ``[batch, seq]`` bool on the CPU."""
+        return self.problem.lead_mask.cpu()
 
     def curves(self) -> ErasureCurves:
         """The deletion and insertion curves of these scores, computed once."""
@@ -130,8 +133,8 @@ class ExactShapleyCache:
         if short:
             sub = problem.select(torch.tensor(short))
             values = ExactShapley(self.max_tokens).attribute(sub).scores
-            self.put([keys[b] for b in short], sub.feature_mask, values)
-        mask = problem.feature_mask.cpu()
+            self.put([keys[b] for b in short], sub.lead_mask, values)
+        mask = problem.lead_mask.cpu()
         out = torch.full(mask.shape, math.nan, dtype=torch.float32)
         for b, key in enumerate(keys):
             value = self._values[key]

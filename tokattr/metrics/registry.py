@@ -4,6 +4,7 @@ is its class (:mod:`tokattr.metrics.classes`) and one line here."""
 from __future__ import annotations
 
 from tokattr.metrics.classes import (
+    LDS,
     CompletenessError,
     Comprehensiveness,
     DeletionAUC,
@@ -13,6 +14,7 @@ from tokattr.metrics.classes import (
     MaxSensitivity,
     PerExampleMetric,
     PlausibilityAUPRC,
+    PlausibilityTop1,
     RandomizationSpearman,
     ShapleyError,
     Sufficiency,
@@ -29,6 +31,8 @@ METRICS: dict[str, type[PerExampleMetric]] = {
     "completeness_error": CompletenessError,
     "shapley_error": ShapleyError,
     "plausibility_auprc": PlausibilityAUPRC,
+    "plausibility_top1": PlausibilityTop1,
+    "lds": LDS,
     "randomization_spearman": RandomizationSpearman,
 }
 """Metric name -> class (explicit; the names are those of every output table)."""
