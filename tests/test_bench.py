@@ -57,6 +57,10 @@ def _bench(out: Path, *extra: str, timeout: float = 600) -> subprocess.Completed
     )
 
 
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+
+
 def _rows(out: Path) -> list[dict]:
     with (out / "attributions.jsonl").open() as f:
         return [json.loads(line) for line in f]
@@ -218,3 +222,41 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys, args, message):
     assert code != 0
     assert message in capsys.readouterr().err
     assert not (out / "parts").exists()
+
+
+def test_features_and_sources_reach_the_rows_and_the_report(tmp_path):
+    """A JSONL file with features and sources, and the lookup generator's definitions: rows
+    score features, carry their spans and sources, and the metrics are computed on them."""
+    data = tmp_path / "ctx.jsonl"
+    lines = [
+        {"id": "a", "prompt": "9 + 3 = 12;7 x 5 =", "answer": "35", "features": "separator:;",
+         "sources": [1]},
+        {"id": "b", "prompt": "1+1=2;4+4=8;2 x 3 =", "answer": "6", "features": [[0, 5], [12, 19]],
+         "sources": [1]},
+    ]  # fmt: skip
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    common = [
+        *TOKATTR, "bench", "--config", str(ROOT / "configs/bench/quick.yaml"),
+        "--model.methods", json.dumps({"occlusion": {}, "context_cite": {"n_ablations": 8},
+                                       "random": {}}),
+        "--model.metrics", json.dumps(["comprehensiveness", "lds", "plausibility_top1"]),
+    ]  # fmt: skip
+    out = tmp_path / "jsonl"
+    run = _run([*common, "--data.jsonl", str(data), "--out_dir", str(out)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(r["example_id"], r["method"]): r for r in _rows(out)}
+    a, b = rows[("a", "occlusion")], rows[("b", "occlusion")]
+    assert a["features"] == ["9 + 3 = 12", "7 x 5 ="] and a["spans"] == [[0, 10], [11, 18]]
+    assert b["features"] == ["1+1=2", "2 x 3 ="] and len(b["scores"]) == 2
+    assert a["sources"] == [1] and -1 in b["token_features"]
+    assert set(a["metrics"]) >= {"lds", "plausibility_top1", "comprehensiveness"}
+    assert a["metrics"]["plausibility_top1"] == float(abs(a["scores"][1]) > abs(a["scores"][0]))
+    assert (out / "report.html").is_file()
+    # The lookup generator: each definition a feature, the queried one the source.
+    out = tmp_path / "lookup"
+    run = _run([*common, "--data.dataset", "lookup", "--data.pairs", "[3, 4]", "--data.n", "4",
+                "--out_dir", str(out)])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in _rows(out):
+        assert len(r["features"]) in (3, 4) and len(r["sources"]) == 1
+        assert all(f[0].isalpha() and f[1:].isdigit() for f in r["features"])

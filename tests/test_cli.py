@@ -41,8 +41,21 @@ def test_train_configs_parse(config):
 def test_train_help_documents_options():
     run = tokattr("train", "--help")
     assert run.returncode == 0, run.stderr
-    for opt in ("--export_dir", "--model.hidden_size", "--data.mix", "--trainer.max_steps"):
+    for opt in ("--export_dir", "--model.hidden_size", "--data", "--trainer.max_steps"):
         assert opt in run.stdout
+    # Each data module's options, by class: arithmetic chains and key-value lookup.
+    for cls, opt in (("ArithDataModule", "--data.mix"), ("LookupDataModule", "--data.pairs")):
+        run = tokattr("train", "--data.help", cls)
+        assert run.returncode == 0 and opt in run.stdout, run.stderr
+
+
+def test_attribute_command_prints_features(capsys):
+    assert main(["attribute", "--prompt+", "9 + 3 = 12;7 x 5 =", "--target+", "35",
+                 "--method+", "occlusion", "--features", "separator:;"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "'9 + 3 = 12'" in out and "'7 x 5 ='" in out and "separator:;" in out
+    assert main(["attribute", "--prompt+", "7x5=", "--features", "para"]) == 1
+    assert "unknown features 'para'" in capsys.readouterr().err
 
 
 def test_eval_model_runs_and_refuses_the_training_seed():

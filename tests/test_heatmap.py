@@ -200,3 +200,23 @@ def test_heatmap_modules_import_no_lightning_or_wandb():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_feature_rows_are_the_querys_features(lm, tmp_path, capsys):
+    """--features: the rows are the query's features; with demonstrations as columns, the
+    query is one feature of each prompt (``separator:;``) and its score is that column's."""
+    heat = heatmap_matrix(lm, "7 x 5 =", columns=["9+3=12", "1+1=2;2+2=4"], method="occlusion",
+                          target="35", features="separator:;")  # fmt: skip
+    assert heat.tokens == ["7 x 5 ="]
+    for j, demo in enumerate(["9+3=12", "1+1=2;2+2=4"]):
+        res = tokattr.attribute(lm, f"{demo};7 x 5 =", method="occlusion", target="35",
+                                features="separator:;")  # fmt: skip
+        assert float(heat.matrix[0, j]) == float(res.scores[-1])
+    png = tmp_path / "words.png"
+    argv = ["heatmap", "--query", "7 x 5 =", "--methods+", "occlusion", "--features", "word"]
+    assert main([*argv, "--target", "35", "--out", str(png)]) == 0
+    assert "4 features (word) x 1 columns" in capsys.readouterr().out
+    tokens, _, _ = read_csv(png.with_suffix(".csv"))
+    assert tokens == ["7", "x", "5", "="]
+    assert main([*argv[:-1], "paragraph", "--out", str(png)]) == 1
+    assert "unknown features 'paragraph'" in capsys.readouterr().err

@@ -24,6 +24,9 @@ BARS: dict[str, float] = {
 }
 """The project's greedy exact-match bars for the reference model, per bucket."""
 
+LOOKUP_BAR = 0.95
+"""The bar of a lookup model (:func:`lookup_accuracy`'s ``lookup`` row)."""
+
 
 def greedy_answers(
     lm: LanguageModel,
@@ -102,11 +105,43 @@ def bucket_accuracy(
     return rows
 
 
+LOOKUP_BINS = ((8, 19), (20, 35), (36, 52))
+"""Definitions per prompt of the lookup accuracy rows (besides all of them pooled)."""
+
+
+def lookup_accuracy(
+    lm: LanguageModel,
+    n: int = 500,
+    seed: int = 2026,
+    pairs: tuple[int, int] = (20, 52),
+    batch_size: int = 64,
+) -> list[BucketAccuracy]:
+    """Greedy exact match on ``n`` fresh lookup problems (:mod:`tokattr.data.lookup`):
+    ``lookup`` pooled, then one row per :data:`LOOKUP_BINS` bin of definitions per prompt."""
+    from tokattr.data.lookup import LookupGenerator
+
+    problems = LookupGenerator(seed, pairs).take(n)
+    got = greedy_answers(lm, [p.prompt for p in problems], max_new_tokens=4, batch_size=batch_size)
+    ok = [g == p.answer for p, g in zip(problems, got, strict=True)]
+
+    def row(name: str, keep: list[int]) -> BucketAccuracy:
+        wrong = [(problems[i].prompt, problems[i].answer, got[i]) for i in keep if not ok[i]]
+        return BucketAccuracy(name, sum(ok[i] for i in keep), len(keep), tuple(wrong[:3]))
+
+    rows = [row("lookup", list(range(n)))]
+    for lo, hi in LOOKUP_BINS:
+        keep = [i for i, p in enumerate(problems) if lo <= len(p.segments) <= hi]
+        if keep:
+            rows.append(row(f"{lo}-{hi} definitions", keep))
+    return rows
+
+
 def accuracy_markdown(rows: Sequence[BucketAccuracy]) -> str:
     """A markdown table of :func:`bucket_accuracy` rows, with the :data:`BARS` they face."""
     lines = ["| bucket | correct | total | accuracy | bar |", "|---|---:|---:|---:|---|"]
+    bars = {**BARS, "lookup": LOOKUP_BAR}
     for r in rows:
-        bar = BARS.get(r.bucket)
+        bar = bars.get(r.bucket)
         verdict = (
             "" if bar is None else f"≥ {bar:.0%} " + ("met" if r.accuracy >= bar else "**not met**")
         )

@@ -114,8 +114,10 @@ def heatmap_matrix(
     seed: int | None = 0,
     batch_size: int | None = None,
     method_params: Mapping[str, object] | None = None,
+    features: str = "token",
 ) -> Heatmap:
-    """Attribute one query under several columns and keep the query's tokens' scores.
+    """Attribute one query under several columns and keep the query's tokens' scores (or
+    its words', sentences', ... with ``features``: the query's features are the rows).
 
     With ``columns``, column ``j`` attributes the prompt ``columns[j] + ";" + query`` with
     ``method``; with ``methods``, column ``j`` attributes the bare query with ``methods[j]``.
@@ -150,13 +152,19 @@ def heatmap_matrix(
             baseline=baseline,
             seed=seed,
             batch_size=batch_size,
+            features=features,
             **col.params,
         )
-        rows = query_positions(res, query)  # [query tokens]
         start = len(res.prompt) - len(query)
+        if features == "token":
+            rows = query_positions(res, query)  # [query tokens]
+            names, spans = res.tokens, res.offsets
+        else:
+            rows = query_features(res, query)  # [query features]
+            names, spans = res.features, res.spans
         mine = (
-            [res.tokens[i] for i in rows],
-            [(res.offsets[i][0] - start, res.offsets[i][1] - start) for i in rows],
+            [names[i] for i in rows],
+            [(spans[i][0] - start, spans[i][1] - start) for i in rows],
         )
         if split is not None and mine != split:
             raise ValueError(
@@ -165,10 +173,36 @@ def heatmap_matrix(
             )
         split = mine
         scores.append(res.scores[rows])
-    bare, bare_spans = query_tokens(lm, query, answer)
-    tokens = bare if bare_spans == split[1] else split[0]
+    if features == "token":
+        bare, bare_spans = query_tokens(lm, query, answer)
+        tokens = bare if bare_spans == split[1] else split[0]
+    else:
+        tokens = split[0]
     matrix = torch.stack(scores, dim=1)  # [tokens, columns]
     return Heatmap(tokens, [c.label for c in plan], matrix)
+
+
+def query_features(res: Attribution, query: str) -> Tensor:
+    """Indices into ``res.features`` of the features inside the query (the suffix of
+    ``res.prompt``): ``[query features]``.
+
+    Raises:
+        ValueError: the prompt does not end with the query, a feature runs across its start,
+            or the query holds no feature.
+    """
+    if not res.prompt.endswith(query):
+        raise ValueError(f"prompt {res.prompt!r} does not end with the query {query!r}")
+    start = len(res.prompt) - len(query)
+    across = [f for f, (a, b) in zip(res.features, res.spans, strict=True) if a < start < b]
+    if across:
+        raise ValueError(
+            f"feature(s) {across} run across the start of the query {query!r}: choose features "
+            "that end at the separator (e.g. features='separator:;')"
+        )
+    rows = [i for i, (a, _) in enumerate(res.spans) if a >= start]
+    if not rows:
+        raise ValueError(f"the query {query!r} holds no feature")
+    return torch.tensor(rows)
 
 
 def query_tokens(lm: LanguageModel, query: str, answer: str) -> tuple[list[str], list[Span]]:

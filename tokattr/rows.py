@@ -47,10 +47,21 @@ class ResultRow:
     metrics: dict[str, Number | list[Number]] = field(default_factory=dict)  # per k: a list
     curves: dict[str, list[float]] | None = None  # f along the deletion / insertion curves
     error: str | None = None  # why there are no scores
+    # Features of several tokens (None: one score per token, as ``tokens`` lists them).
+    features: list[str] | None = None  # each feature's text; ``scores`` has one per feature
+    spans: list[list[int]] | None = None  # each feature's character span in the prompt
+    token_features: list[int] | None = None  # the feature of each of ``tokens``, -1: context
+    sources: list[int] | None = None  # the features the answer depends on, where known
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.example_id, self.method)
+
+    @property
+    def units(self) -> list[str] | None:
+        """What ``scores`` are scores of: the features where they are groups of tokens, else
+        the tokens."""
+        return self.features if self.features is not None else self.tokens
 
     @property
     def ok(self) -> bool:

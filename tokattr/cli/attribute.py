@@ -32,11 +32,13 @@ def attribute_command(
     seed: int | None = 0,
     batch_size: int | None = None,
     json_out: str | None = None,
+    features: str = "token",
 ) -> None:
-    """Attribute each prompt's answer to its tokens with one or more methods.
+    """Attribute each prompt's answer to its tokens (or words, sentences, ...) with one or
+    more methods.
 
-    Prints one table per prompt: its tokens as rows, one column per method, each cell the
-    token's score (green positive, red negative). The score attributed is the sum of the
+    Prints one table per prompt: its features as rows, one column per method, each cell the
+    feature's score (green positive, red negative). The score attributed is the sum of the
     answer tokens' log-probabilities, teacher-forced.
 
     Args:
@@ -60,11 +62,13 @@ def attribute_command(
         seed: seed of the random methods, the same for every prompt; null for an unseeded run.
         batch_size: the most sequences per forward pass (default 64).
         json_out: also write every attribution to this JSON file (a list of records).
+        features: what gets a score: "token" (default), "word", "sentence", "line" or
+            "separator:<s>" (e.g. "separator:;" for the parts between demonstrations).
     """
     from tokattr.answers import fill_greedy_answers
     from tokattr.attribution import attribute
     from tokattr.models import load_model
-    from tokattr.validation import method_parameters
+    from tokattr.validation import method_parameters, per_prompt_features
 
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
     methods = list(method) if method else list(DEFAULT_METHODS)
@@ -82,6 +86,7 @@ def attribute_command(
             raise ValueError(f"--{k} is not a parameter of any of the methods {methods}")
     if target is not None and len(target) != len(prompts):
         raise ValueError(f"{len(target)} targets for {len(prompts)} prompts")
+    per_prompt_features(features, prompts, single=False)  # before the model loads
 
     lm = load_model(model)
     # The greedy answers' generated token ids, once for every method (lengths checked first).
@@ -95,6 +100,7 @@ def attribute_command(
             baseline=baseline,
             seed=seed,
             batch_size=batch_size,
+            features=features,
             **per_method[m],
         )
         for m in methods
@@ -110,11 +116,11 @@ def attribute_command(
                 + ", ".join(f"{m} {results[m][i].model_evals}" for m in methods)
             ),
         )
-        table.add_column("token", justify="left")
+        table.add_column("token" if features == "token" else features, justify="left")
         for m in methods:
             # Spaces let long method names wrap in the header instead of being cut.
             table.add_column(m.replace("_", " "), justify="right")
-        for t, token in enumerate(first.tokens):
+        for t, token in enumerate(first.features):
             cells = []
             for m in methods:
                 v = float(results[m][i].scores[t])

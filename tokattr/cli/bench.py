@@ -146,6 +146,11 @@ class BenchCLI(LightningCLI):
             self.state["lock"] = lock
 
 
+def _example_key(e: dict[str, Any]) -> list[Any]:
+    key = [e["example_id"], e["prompt"], e["answer"]]
+    return [*key, e["features"]] if "features" in e else key
+
+
 def _check_devices(trainer_cfg: Any) -> None:
     """``devices`` more than this machine has: a clear error before any work."""
     devices, accelerator = trainer_cfg.devices, str(trainer_cfg.accelerator)
@@ -228,7 +233,15 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
         model=module.model_name,
         weights=fingerprint(module.lm),
         dtype=str(cfg.model.dtype),
-        examples=[[e["example_id"], e["prompt"], e["answer"]] for e in examples],
+        examples=[
+            [
+                e["example_id"],
+                e["prompt"],
+                e["answer"],
+                *([e["features"]] if "features" in e else []),
+            ]
+            for e in examples
+        ],
         methods=module.methods,
         metrics=module.metric_names,
         metric_params=module.metric_params,

@@ -1,4 +1,5 @@
-"""``tokattr eval-model``: greedy exact-match accuracy of a model per arithmetic bucket."""
+"""``tokattr eval-model``: greedy exact-match accuracy of a model per arithmetic bucket, or on
+the lookup task."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ def eval_model(
     buckets: list[str] | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    dataset: str = "auto",
 ) -> None:
-    """Greedy exact-match accuracy per arithmetic bucket, on fresh problems.
+    """Greedy exact-match accuracy per arithmetic bucket (or on key-value lookup), on fresh
+    problems.
 
     Args:
         model: "arith-tiny", a local model folder, or a hub id.
@@ -23,6 +26,9 @@ def eval_model(
         buckets: which buckets (default: all, plus "demonstrations").
         batch_size: prompts per generate call.
         device: "cpu", "cuda", "cuda:1", ... (default: CPU).
+        dataset: "arithmetic", "lookup" (n_per_bucket problems of 20-52 definitions,
+            binned by length), or "auto" (default): what the model was trained on, where its
+            training record says (lookup-tiny: lookup), else arithmetic.
     """
     import json
 
@@ -31,6 +37,8 @@ def eval_model(
 
     if n_per_bucket < 1:
         raise ValueError(f"n_per_bucket must be >= 1, got {n_per_bucket}")
+    if dataset not in ("auto", "arithmetic", "lookup"):
+        raise ValueError(f"unknown dataset {dataset!r}; choose from auto, arithmetic, lookup")
     lm = load_model(model, device=device)
     record = lm.path / "training.json" if lm.path else None
     if record and record.is_file():
@@ -41,7 +49,15 @@ def eval_model(
             raise ValueError(
                 f"seed {seed} is the seed {model} was trained on; pick another for fresh problems"
             )
-    rows = bucket_accuracy(lm, n_per_bucket, seed, buckets, batch_size)
+    if dataset == "auto":
+        mixes = [st["data"].get("mix", {}) for st in stages] if record and record.is_file() else []
+        dataset = "lookup" if any("lookup" in m for m in mixes) else "arithmetic"
+    if dataset == "lookup":
+        from tokattr.accuracy import lookup_accuracy
+
+        rows = lookup_accuracy(lm, n_per_bucket, seed, batch_size=min(batch_size, 64))
+    else:
+        rows = bucket_accuracy(lm, n_per_bucket, seed, buckets, batch_size)
     table = Table(title=f"{model}: greedy exact match (seed {seed})")
     for col in ("bucket", "correct", "total", "accuracy", "a wrong answer"):
         table.add_column(col, justify="left" if col in ("bucket", "a wrong answer") else "right")

@@ -26,6 +26,7 @@ def heatmap_command(
     title: str | None = None,
     dpi: int = 150,
     out: str = "heatmap.png",
+    features: str = "token",
 ) -> None:
     """Draw a token attribution heatmap of one query: a PNG and a CSV of the same matrix.
 
@@ -57,6 +58,8 @@ def heatmap_command(
         title: the figure's title (default: model, query, answer and method).
         dpi: resolution of the PNG (its pixels are the figure size in inches x dpi).
         out: where to write the PNG; the CSV goes beside it with the suffix .csv.
+        features: the rows: the query's "token"s (default), or its "word"s, "sentence"s,
+            "line"s or parts between a separator ("separator:<s>").
     """
     from tokattr.heatmaps import default_target, heatmap_matrix, plan_columns
     from tokattr.models import load_model
@@ -68,6 +71,9 @@ def heatmap_command(
         if v is not None
     }
     plan_columns(query, columns, methods, method, given)  # bad input fails before loading
+    from tokattr.features import feature_spans
+
+    feature_spans(query, features)  # an unknown granularity fails before loading too
     png = Path(out)
     if png.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out!r}")
@@ -85,6 +91,7 @@ def heatmap_command(
         seed=seed,
         batch_size=batch_size,
         method_params=given,
+        features=features,
     )
     if title is None:
         how = method if columns is not None else "methods"
@@ -93,7 +100,9 @@ def heatmap_command(
     csv_path = write_heatmap_csv(png.with_suffix(".csv"), matrix, tokens, labels)
     width, height = fig.get_size_inches() * dpi
     print(
-        f"attributed {answer!r}: {len(tokens)} tokens x {len(labels)} columns\n"
+        f"attributed {answer!r}: {len(tokens)} "
+        f"{'tokens' if features == 'token' else f'features ({features})'} x {len(labels)} "
+        "columns\n"
         f"wrote {png} ({width:.0f} x {height:.0f} px)\n"
         f"wrote {csv_path}"
     )

@@ -1,5 +1,6 @@
-"""Prompts and their structure: the arithmetic generator, its tokenizer, token labels, and
-prompts read from a JSONL file."""
+"""Prompts and their structure: the arithmetic generator, its tokenizer, token labels, the
+key-value lookup generator (answers from one known part of a long context), and prompts read
+from a JSONL file."""
 
 from tokattr.data.arithmetic import (
     ROLES,
@@ -13,6 +14,7 @@ from tokattr.data.arithmetic import (
 from tokattr.data.buckets import BUCKETS, DEFAULT_MIX, FORMATTED_BUCKETS
 from tokattr.data.jsonl import read_jsonl
 from tokattr.data.labels import token_roles
+from tokattr.data.lookup import LookupGenerator, LookupProblem
 from tokattr.data.numbers import format_number
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "ROLES",
     "ArithmeticGenerator",
     "ArithmeticProblem",
+    "LookupGenerator",
+    "LookupProblem",
     "format_number",
     "label_prompt",
     "make_problem",

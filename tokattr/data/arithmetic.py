@@ -132,6 +132,8 @@ class ArithmeticProblem:
     roles: tuple[str, ...] | None
     bucket: str
     line: int | None = None  # line of the JSONL file it was read from
+    features: str | tuple[tuple[int, int], ...] | None = None  # a JSONL line's "features"
+    sources: tuple[int, ...] | None = None  # a JSONL line's "sources": features it depends on
 
     def __post_init__(self) -> None:
         if self.roles is not None and len(self.roles) != len(self.prompt):

@@ -1,4 +1,7 @@
-"""Prompts from the user's JSONL file: one ``{"id", "prompt", "answer"}`` object per line.
+"""Prompts from the user's JSONL file: one ``{"id", "prompt", "answer"}`` object per line,
+optionally with ``"features"`` (a granularity name or ``[[start, end], ...]`` character spans)
+and ``"sources"`` (indices of the features the answer depends on, the ground truth of the
+plausibility metrics).
 
 Each line becomes an :class:`~tokattr.data.arithmetic.ArithmeticProblem` through
 :func:`~tokattr.data.arithmetic.make_problem`, so an arithmetic prompt read from a file is
@@ -13,6 +16,7 @@ import json
 from pathlib import Path
 
 from tokattr.data.arithmetic import ArithmeticProblem, make_problem
+from tokattr.features import feature_spans
 
 
 def read_jsonl(path: str | Path) -> list[ArithmeticProblem]:
@@ -51,9 +55,38 @@ def read_jsonl(path: str | Path) -> list[ArithmeticProblem]:
         seen.add(pid)
         try:
             problem = make_problem(pid, row["prompt"], row.get("answer"))
-            problems.append(dataclasses.replace(problem, line=lineno))
+            features, sources = _features_and_sources(row, problem.prompt)
+            problems.append(
+                dataclasses.replace(problem, line=lineno, features=features, sources=sources)
+            )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
     if not problems:
         raise ValueError(f"{path} holds no problems")
     return problems
+
+
+def _features_and_sources(
+    row: dict, prompt: str
+) -> tuple[str | tuple[tuple[int, int], ...] | None, tuple[int, ...] | None]:
+    """A line's ``"features"`` (checked against its prompt) and ``"sources"`` (checked
+    against its features)."""
+    features = row.get("features")
+    if features is not None and not isinstance(features, str):
+        if not isinstance(features, list):
+            raise ValueError('"features" must be a granularity name or a list of [start, end]')
+        features = tuple(tuple(s) if isinstance(s, list) else s for s in features)
+    spans = feature_spans(prompt, features) if features is not None else None
+    sources = row.get("sources")
+    if sources is None:
+        return features, None
+    if not isinstance(sources, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in sources
+    ):
+        raise ValueError('"sources" must be a list of feature indices')
+    if spans is None:
+        raise ValueError('"sources" index features: give "features" too')
+    bad = [i for i in sources if not 0 <= i < len(spans)]
+    if bad:
+        raise ValueError(f'"sources" {bad} are not among the {len(spans)} features')
+    return features, tuple(sources)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,7 +83,38 @@ def export(module: ArithLM, datamodule: ArithDataModule, out_dir: str | Path, in
     return out
 
 
-def write_model_card(out_dir: str | Path, rows: list, eval_seed: int) -> None:
+@dataclass(frozen=True)
+class CardText:
+    """What a model card says that depends on the data set: the model's name, what it does
+    and where it is used, how the training sequences look, what the accuracy rows are, and
+    its limits (markdown)."""
+
+    name: str
+    about: str
+    training: str
+    accuracy: str
+    limits: str
+
+
+ARITH_CARD = CardText(
+    name="arith-tiny",
+    about="trained by tokattr on its arithmetic generator, the reference model of the tokattr "
+    "benchmark",
+    training="Lightning, on CPU; loss on answer tokens and on the token that ends them (`;` or "
+    "`</s>`) only. Each training sequence chains several solved problems with `;`, so every "
+    "problem after the first is also a query after demonstrations.",
+    accuracy="Small buckets have few distinct problems (two 2-digit multiplications: 8,100), so "
+    "most of those also occur in training.",
+    limits="Trained only on the generator's formats: integers up to 3 digits (4 with `$` "
+    "amounts), one-decimal operands, negative operands, `$A/-0.B=`. Anything else is out of "
+    "distribution. Most remaining errors are carries and borrows in the tens or hundreds digit "
+    "of `+` and `-`, the answer being written most-significant digit first.",
+)
+
+
+def write_model_card(
+    out_dir: str | Path, rows: list, eval_seed: int, text: CardText = ARITH_CARD
+) -> None:
     """``README.md`` in the model folder: architecture, each training stage (command, steps,
     seeds, data mix, time), and accuracy per bucket."""
     from tokattr.accuracy import accuracy_markdown
@@ -100,29 +132,31 @@ def write_model_card(out_dir: str | Path, rows: list, eval_seed: int) -> None:
     stage_text = []
     for i, st in enumerate(stages, start=1):
         d, sm = st["data"], st["model"]
+        shape = (
+            f"packed chains of up to {d['max_len']} tokens"
+            if "max_len" in d
+            else f"sequences of {d.get('pairs')} definitions and {d.get('queries')} queries"
+        )
         stage_text.append(
-            f"""{i}. `{st["command"]}`: {st["steps"]} steps of {d["batch_size"]} packed chains of up
-   to {d["max_len"]} tokens ({st["problems_seen"]:,} problems), seed {st["seed"]} (data stream
-   seed {d["seed"]}); AdamW (weight decay {sm["weight_decay"]}), one-cycle schedule peaking at
-   {sm["lr"]}; {st["train_minutes"]:.1f} min wall on {st["machine"]}; final training loss
+            f"""{i}. `{st["command"]}`: {st["steps"]} steps of {d["batch_size"]} {shape}
+   ({st["problems_seen"]:,} problems), seed {st["seed"]} (data stream seed {d["seed"]}); AdamW
+   (weight decay {sm["weight_decay"]}), one-cycle schedule peaking at {sm["lr"]};
+   {st["train_minutes"]:.1f} min wall on {st["machine"]}; final training loss
    {st["final_loss"]:.4f} (mean of the last 50 steps)."""
         )
     total = sum(st["train_minutes"] for st in stages)
     steps = "\n".join(stage_text)
-    card = f"""# arith-tiny
+    card = f"""# {text.name}
 
 A small `LlamaForCausalLM` ({rec["parameters"] / 1e6:.2f}M parameters: hidden size
 {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]} heads, MLP {m["intermediate_size"]},
-context {m["max_position_embeddings"]}) trained by tokattr on its arithmetic generator, the
-reference model of the tokattr benchmark. Load it with
+context {m["max_position_embeddings"]}) {text.about}. Load it with
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, or
-`tokattr.load_model("arith-tiny")`.
+`tokattr.load_model("{text.name}")`.
 
 ## Training
 
-Lightning, on CPU; loss on answer tokens and on the token that ends them (`;` or `</s>`)
-only. Each training sequence chains several solved problems with `;`, so every problem after
-the first is also a query after demonstrations. Stages, each continuing from the one before:
+{text.training} Stages, each continuing from the one before:
 
 {steps}
 
@@ -137,18 +171,14 @@ Data mix (weights of the query buckets):
 ## Accuracy
 
 Greedy exact match on fresh problems (generator seed {eval_seed}, never used in training),
-measured with `tokattr eval-model --model arith-tiny`. Small buckets have few distinct
-problems (two 2-digit multiplications: 8,100), so most of those also occur in training.
+measured with `tokattr eval-model --model {text.name}`. {text.accuracy}
 
 {accuracy_markdown(rows)}
 
 {_shortfall_text(rows, stages)}
 ## Limits
 
-Trained only on the generator's formats: integers up to 3 digits (4 with `$` amounts),
-one-decimal operands, negative operands, `$A/-0.B=`. Anything else is out of distribution.
-Most remaining errors are carries and borrows in the tens or hundreds digit of `+` and `-`,
-the answer being written most-significant digit first.
+{text.limits}
 """
     (out / "README.md").write_text(card)
 
@@ -169,7 +199,7 @@ def _shortfall_text(rows: list, stages: list[dict]) -> str:
         )
         lines.append(f"- `{r.bucket}`: {r.accuracy:.1%}, bar {BARS[r.bucket]:.0%} ({history}).")
     return (
-        "\n**Bars not met** (the training budget, about an hour on 2 CPU cores, is spent):\n\n"
+        "\n**Bars not met** (the training budget on 2 CPU cores is spent):\n\n"
         + "\n".join(lines)
         + "\n"
     )

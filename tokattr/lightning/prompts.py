@@ -14,14 +14,27 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tokattr.data import DEFAULT_MIX, ArithmeticGenerator, read_jsonl
+from tokattr.data.lookup import LookupGenerator
+from tokattr.features import feature_spans
+
+DATASETS = ("arithmetic", "lookup")
+"""The generators the benchmark can draw from (a JSONL file is the other source)."""
 
 
 class PromptDataModule(pl.LightningDataModule):
-    """Prompts for the benchmark: fresh arithmetic problems, or a JSONL file.
+    """Prompts for the benchmark: fresh arithmetic or lookup problems, or a JSONL file.
 
     Args:
         jsonl: a file of ``{"id", "prompt", "answer"}`` lines (``answer`` may be left out for
-            arithmetic prompts); ``None``: the arithmetic generator.
+            arithmetic prompts; ``features`` and ``sources`` may be given,
+            :mod:`tokattr.data.jsonl`); ``None``: the generator named by ``dataset``.
+        dataset: ``"arithmetic"`` (default) or ``"lookup"`` (key-value lookup in a long
+            context, :class:`tokattr.data.LookupGenerator`: each definition is a feature, the
+            one queried the source).
+        features: what gets a score, for every example: ``"token"``, ``"word"``,
+            ``"sentence"``, ``"line"`` or ``"separator:<s>"``; ``None`` (default): each
+            example's own (a JSONL line's ``features``, the lookup's definitions), else tokens.
+        pairs: ``[lo, hi]`` definitions per lookup prompt.
         seed: the generator's seed (use one not used in training; the bundled model was
             trained on seeds 0 and 1).
         n: problems drawn from the generator.
@@ -40,8 +53,16 @@ class PromptDataModule(pl.LightningDataModule):
         demonstrations: tuple[int, int] = (0, 0),
         batch_size: int = 16,
         max_examples: int | None = None,
+        dataset: str = "arithmetic",
+        features: str | None = None,
+        pairs: tuple[int, int] = (20, 52),
     ) -> None:
         super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"data.dataset: unknown {dataset!r}; choose from {list(DATASETS)}")
+        if features is not None:
+            feature_spans("x", features)  # an unknown granularity fails here
+        self.dataset, self.features, self.pairs = dataset, features, tuple(pairs)
         if n < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
             raise ValueError(
                 f"data: n, batch_size and max_examples must be >= 1, got n={n}, "
@@ -66,6 +87,9 @@ class PromptDataModule(pl.LightningDataModule):
                 if not Path(self.jsonl).is_file():
                     raise FileNotFoundError(f"data.jsonl: no such file: {self.jsonl}")
                 problems = read_jsonl(self.jsonl)
+            elif self.dataset == "lookup":
+                lookup = LookupGenerator(seed=self.seed, pairs=self.pairs)  # type: ignore[arg-type]
+                problems = [lookup.problem(i) for i in range(self.n)]
             else:
                 gen = ArithmeticGenerator(
                     seed=self.seed, mix=self.mix, demonstrations=self.demonstrations
@@ -88,12 +112,32 @@ class PromptDataModule(pl.LightningDataModule):
                     "example_id": str(p.id),
                     "prompt": p.prompt,
                     "answer": p.answer,
-                    "roles": p.roles,
+                    "roles": getattr(p, "roles", None),
                     "where": w,
+                    **self._features_of(p, w),
                 }
                 for p, w in zip(problems, where, strict=True)
             ]
         return self._examples
+
+    def _features_of(self, problem: Any, where: str) -> dict[str, Any]:
+        """An example's ``features`` and ``sources`` (none for tokens), checked now."""
+        own = getattr(problem, "features", None)
+        if own is None and getattr(problem, "segments", None) is not None:
+            own = [list(s) for s in problem.segments]  # a lookup problem's definitions
+        spec = self.features if self.features is not None else own
+        if spec is None or spec == "token":
+            return {}
+        try:
+            feature_spans(problem.prompt, spec)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        out: dict[str, Any] = {
+            "features": spec if isinstance(spec, str) else [list(s) for s in spec]
+        }
+        if self.features is None and getattr(problem, "sources", None) is not None:
+            out["sources"] = list(problem.sources)
+        return out
 
     def chunks(self) -> list[list[dict[str, Any]]]:
         """The batches, fixed by position in the data set (batch i = examples ``[i*bs,

@@ -142,14 +142,17 @@ class AttributionModule(pl.LightningModule):
                 rows.append(self._error_row(e, a, method, failed[i]))
                 continue
             try:
-                enc = encode_example(lm.tokenizer, e["prompt"], a, None, lm.max_length)
+                enc = encode_example(
+                    lm.tokenizer, e["prompt"], a, None, lm.max_length,
+                    features=_spec(e.get("features")),
+                )  # fmt: skip
             except (ValueError, TypeError) as err:
                 rows.append(self._error_row(e, a, method, err))
                 continue
             if method == "exact_shapley" and _n_features(enc) > params.get(
                 "max_tokens", self.shapley_max_tokens
             ):
-                rows.append(self._error_row(e, a, method, "too many tokens for exact Shapley"))
+                rows.append(self._error_row(e, a, method, "too many features for exact Shapley"))
                 continue
             ok.append((e, a, enc))
         if not ok:
@@ -172,6 +175,7 @@ class AttributionModule(pl.LightningModule):
             exact=exact_cache,
             roles=[e.get("roles") for e, _, _ in ok],
             keep_errors=True,
+            sources=[e.get("sources") for e, _, _ in ok],
         )
         for j, ((e, a, _), attr) in enumerate(zip(ok, scored.attributions, strict=True)):
             if j in scored.errors:
@@ -179,9 +183,10 @@ class AttributionModule(pl.LightningModule):
                 continue
             labels = (
                 token_roles(attr.offsets, e["prompt"], e["roles"])
-                if e.get("roles") is not None
+                if e.get("roles") is not None and attr.granularity == "token"
                 else None
             )
+            grouped = attr.granularity != "token"
             rows.append(
                 ResultRow(
                     example_id=e["example_id"],
@@ -196,6 +201,10 @@ class AttributionModule(pl.LightningModule):
                     model_evals=attr.model_evals,
                     metrics={n: v[j].tolist() for n, v in scored.values.items()},
                     curves=None if scored.curves is None else scored.curves[j],
+                    features=attr.features if grouped else None,
+                    spans=[list(s) for s in attr.spans] if grouped else None,
+                    token_features=attr.token_features if grouped else None,
+                    sources=e.get("sources"),
                 )
             )
         return rows
@@ -215,7 +224,15 @@ class AttributionModule(pl.LightningModule):
 
 
 def _n_features(enc) -> int:
-    return sum(not s for s in enc.special)
+    return len(enc.spans) if enc.spans is not None else sum(not s for s in enc.special)
+
+
+def _spec(features: Any) -> Any:
+    """An example's feature specification as :func:`~tokattr.batching.encode_example` takes
+    it (spans as tuples); tokens where it has none."""
+    if features is None:
+        return "token"
+    return features if isinstance(features, str) else [tuple(s) for s in features]
 
 
 class ResultWriter(BasePredictionWriter):

@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tokattr.data.arithmetic import SEPARATOR
 from tokattr.data.tokenizer import build_tokenizer
 from tokattr.lightning.export import exact_match, export, write_model_card
+from tokattr.lightning.lookup_data import LookupDataModule
 from tokattr.lightning.train_data import (
     IGNORE,
     ArithDataModule,
@@ -41,6 +42,7 @@ __all__ = [
     "ArithLM",
     "Chain",
     "ChainStream",
+    "LookupDataModule",
     "TrainCLI",
     "collate",
     "encode_chain",
@@ -149,12 +151,13 @@ class ArithLM(L.LightningModule):
             correct.float().mean(),
             batch_size=correct.numel(),
             add_dataloader_idx=False,
-            prog_bar=name in ("mul_2x2", "seed_like"),
+            prog_bar=name in ("mul_2x2", "seed_like", "lookup"),
         )
 
     def on_validation_start(self) -> None:
         dm = self.trainer.datamodule
-        self.val_names = dm.val_buckets() if isinstance(dm, ArithDataModule) else []
+        buckets = getattr(dm, "val_buckets", None)
+        self.val_names = buckets() if callable(buckets) else []
 
     def configure_optimizers(self):
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
@@ -177,7 +180,9 @@ class ArithLM(L.LightningModule):
 
 
 class TrainCLI(LightningCLI):
-    """``tokattr train``: LightningCLI over :class:`ArithLM` and :class:`ArithDataModule`."""
+    """``tokattr train``: LightningCLI over :class:`ArithLM` and a data module given by its
+    ``class_path``: :class:`ArithDataModule` (``arith-tiny``) or
+    :class:`~tokattr.lightning.lookup_data.LookupDataModule` (``lookup-tiny``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -213,7 +218,8 @@ def run_training(argv: list[str]) -> int:
 def _make_cli(argv: list[str]) -> TrainCLI:
     return TrainCLI(
         ArithLM,
-        ArithDataModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
         run=False,
         args=argv,
         seed_everything_default=0,
@@ -230,13 +236,14 @@ def _make_cli(argv: list[str]) -> TrainCLI:
 
 def _fit_and_export(cli: TrainCLI, argv: list[str]) -> int:
     cfg = cli.config
-    if cfg.eval_seed in (cfg.data.seed, cfg.data.val_seed):
+    data_args = cfg.data.init_args
+    if cfg.eval_seed in (data_args.seed, data_args.val_seed):
         raise SystemExit(f"--eval_seed {cfg.eval_seed} must differ from the training seeds")
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     minutes = (time.perf_counter() - start) / 60
     if cfg.export_dir and cli.trainer.is_global_zero:
-        from tokattr.accuracy import accuracy_markdown, bucket_accuracy
+        from tokattr.accuracy import accuracy_markdown
         from tokattr.models import load_model
 
         dm = cli.datamodule
@@ -253,12 +260,12 @@ def _fit_and_export(cli: TrainCLI, argv: list[str]) -> int:
         }
         out = export(cli.model, dm, cfg.export_dir, info)
         lm = load_model(out)  # evaluate exactly what was saved
-        rows = bucket_accuracy(lm, cfg.eval_per_bucket, cfg.eval_seed)
+        rows = dm.card_accuracy(lm, cfg.eval_per_bucket, cfg.eval_seed)
         record = json.loads((out / "training.json").read_text())
         record["stages"][-1]["accuracy"] = {r.bucket: r.accuracy for r in rows}
         record["stages"][-1]["eval_seed"] = cfg.eval_seed
         (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_model_card(out, rows, cfg.eval_seed)
+        write_model_card(out, rows, cfg.eval_seed, dm.card_text())
         print(accuracy_markdown(rows))
         print(f"saved to {out} ({minutes:.1f} min of training)")
     return 0

@@ -159,6 +159,18 @@ class ArithDataModule(L.LightningDataModule):
     def val_buckets(self) -> list[str]:
         return [*BUCKETS, "demonstrations"]
 
+    def card_accuracy(self, lm: object, n: int, seed: int) -> list:
+        """The model card's accuracy rows: greedy exact match per arithmetic bucket."""
+        from tokattr.accuracy import bucket_accuracy
+
+        return bucket_accuracy(lm, n, seed)  # type: ignore[arg-type]
+
+    def card_text(self) -> object:
+        """What the model card says of this data set."""
+        from tokattr.lightning.export import ARITH_CARD
+
+        return ARITH_CARD
+
     def val_dataloader(self) -> list[DataLoader]:
         pad = self.tokenizer.pad_token_id
         loaders = []

@@ -76,8 +76,9 @@ def log_run(
     for row in run.rows:
         if not row.ok or row.scores is None:
             continue
-        labels = row.labels or [None] * len(row.tokens)
-        for pos, (tok, lab, score) in enumerate(zip(row.tokens, labels, row.scores, strict=True)):
+        units = row.units or []
+        labels = row.labels or [None] * len(units)
+        for pos, (tok, lab, score) in enumerate(zip(units, labels, row.scores, strict=True)):
             tokens.append([row.example_id, row.method, pos, tok, lab, score])
     logger.log_table(key="token_scores", columns=TOKEN_COLUMNS, data=tokens)
     ids = run.example_ids[:max_heatmaps]

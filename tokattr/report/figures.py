@@ -45,11 +45,11 @@ def example_scores(run: Run, example_id: str) -> tuple[list[str], list[str], np.
     rows = [r for m in run.methods if (r := run.row(example_id, m)) and r.scores]
     if not rows:
         raise ValueError(f"example {example_id!r}: no method scored it")
-    tokens = rows[0].tokens
+    tokens = rows[0].units
     for r in rows[1:]:
-        if r.tokens != tokens:
+        if r.units != tokens:
             raise ValueError(
-                f"example {example_id!r}: {r.method} has tokens {r.tokens}, "
+                f"example {example_id!r}: {r.method} has features {r.units}, "
                 f"{rows[0].method} has {tokens}"
             )
     raw = np.array([r.scores for r in rows], dtype=float).T  # [tokens, methods]

@@ -1,0 +1,139 @@
+"""The training data of a lookup model: key-value contexts followed by answered queries.
+
+A training sequence is one problem's definitions (:mod:`tokattr.data.lookup`) followed by
+``queries`` answered queries of distinct keys, ``k4;B0;…;B0;k4</s>``; the loss is on the
+answer digit and the token that ends each answer (``;`` or ``</s>``), as in the arithmetic
+chains (:func:`tokattr.lightning.train_data.encode_chain`). The first query of a sequence is
+exactly a benchmark prompt; the later ones teach the same lookup with more supervision per
+sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+from tokattr.data.lookup import QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator, layout
+from tokattr.data.tokenizer import build_tokenizer
+from tokattr.lightning.train_data import Chain, collate, encode_chain
+
+
+class LookupStream(IterableDataset):
+    """Endless seeded stream of encoded lookup sequences (``input_ids``, ``labels``)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        pairs: tuple[int, int],
+        queries: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.generator = LookupGenerator(seed, pairs)
+        self.queries = queries
+        self.next_index = 0
+
+    def chains(self) -> Iterator[Chain]:
+        index = 0
+        while True:
+            defs, rng = self.generator.definitions(index)
+            text, _ = layout(defs)
+            spans = []
+            for key, value in rng.sample(defs, min(self.queries, len(defs))):
+                text += f"{SEPARATOR}{key}{QUERY}"
+                spans.append((len(text), len(text) + len(value)))
+                text += value
+            index += 1
+            self.next_index = index
+            yield Chain(text, tuple(spans))
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for chain in self.chains():
+            yield encode_chain(chain, self.tokenizer)
+
+
+class LookupDataModule(L.LightningDataModule):
+    """Seeded lookup sequences for training; fresh benchmark prompts for validation.
+
+    Args:
+        seed: seed of the training stream.
+        val_seed: seed of the validation problems (different from ``seed``).
+        batch_size: sequences per training step.
+        pairs: ``(lo, hi)`` definitions per sequence.
+        queries: answered queries per training sequence.
+        val_size: validation problems.
+    """
+
+    def __init__(
+        self,
+        seed: int = TRAIN_SEEDS[0],
+        val_seed: int = TRAIN_SEEDS[1],
+        batch_size: int = 32,
+        pairs: tuple[int, int] = (20, 52),
+        queries: int = 4,
+        val_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if seed == val_seed:
+            raise ValueError("seed and val_seed must differ: validation needs fresh problems")
+        if batch_size < 1 or queries < 1 or val_size < 1:
+            raise ValueError(
+                f"batch_size, queries and val_size must be >= 1, got {batch_size}, {queries}, "
+                f"{val_size}"
+            )
+        self.save_hyperparameters()
+        self.tokenizer = build_tokenizer(512)
+        self.mix = {"lookup": 1.0}
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        stream = LookupStream(self.tokenizer, h.seed, tuple(h.pairs), h.queries)
+        self._stream = stream
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(stream, batch_size=h.batch_size, collate_fn=lambda r: collate(r, pad))
+
+    @property
+    def problems_seen(self) -> int:
+        """Contexts drawn by the training stream so far."""
+        stream = getattr(self, "_stream", None)
+        return stream.next_index if stream is not None else 0
+
+    def val_buckets(self) -> list[str]:
+        return ["lookup"]
+
+    def card_accuracy(self, lm: object, n: int, seed: int) -> list:
+        """The model card's accuracy rows: greedy exact match on fresh lookup problems."""
+        from tokattr.accuracy import lookup_accuracy
+
+        return lookup_accuracy(lm, n, seed, tuple(self.hparams.pairs))  # type: ignore[arg-type]
+
+    def card_text(self) -> object:
+        """What the model card says of this data set."""
+        from tokattr.lightning.export import CardText
+
+        return CardText(
+            name="lookup-tiny",
+            about="trained by tokattr on its key-value lookup generator "
+            "(`tokattr.data.LookupGenerator`): the answer to a prompt comes from one known "
+            "definition of a long context, the ground truth of context attribution "
+            "(`tokattr bench --data.dataset lookup`)",
+            training="Lightning, on CPU; each training sequence is one context of definitions "
+            "followed by several answered queries of distinct keys; loss on the answer digits "
+            "and the token that ends each answer only.",
+            accuracy="Rows by the number of definitions in the prompt.",
+            limits="Trained only on the generator's format: distinct one-letter keys, "
+            "two-digit values, `;` between definitions, the query a key alone at the end. "
+            "Anything else is out of distribution.",
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        pad = self.tokenizer.pad_token_id
+        gen = LookupGenerator(self.hparams.val_seed, tuple(self.hparams.pairs))
+        rows = []
+        for p in gen.take(self.hparams.val_size):
+            span = (len(p.prompt), len(p.prompt) + len(p.answer))
+            rows.append(encode_chain(Chain(p.prompt + p.answer, (span,)), self.tokenizer))
+        return [DataLoader(rows, batch_size=64, collate_fn=lambda r: collate(r, pad))]
