@@ -69,11 +69,10 @@ def time_captum(lm, prompt, sentences, answer_ids, method, n_samples) -> tuple[f
     calls = [0]
     model = lm.model
 
-    def counting(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        calls[0] += 0 if ids is None else ids.shape[0]
+    def counting(module, args, output):
+        calls[0] += output.shape[0]  # sequences embedded: one per forward row
 
-    handle = model.register_forward_pre_hook(counting, with_kwargs=True)
+    handle = model.get_input_embeddings().register_forward_hook(counting)
     try:
         algo = {"occlusion": FeatureAblation, "kernel_shap": KernelShap}[method](model)
         llm = LLMAttribution(algo, lm.tokenizer)
@@ -134,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "command": "python -m bench.features_speed "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v
+        ),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         "torch threads",
         "torch": torch.__version__,
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         f"# Sentence against token granularity: {args.name}",
         "",
-        f"`{meta['command']}`; {meta['model']}, prompts of {args.length} tokens; "
+        f"`{meta['command']}`; {meta['model']}, prompts of at most {args.length} tokens "
+        "(whole sentences); "
         f"{meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, "
         f"captum {meta['captum']}.",
         "",

@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from tokattr.data.lookup import QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator, layout
 from tokattr.data.tokenizer import build_tokenizer
-from tokattr.lightning.train_data import Chain, collate, encode_chain
+from tokattr.lightning.train_data import Chain, ChainDataset, collate, encode_chain
 
 
-class LookupStream(IterableDataset):
+class LookupStream(ChainDataset):
     """Endless seeded stream of encoded lookup sequences (``input_ids``, ``labels``)."""
 
     def __init__(
@@ -49,10 +49,6 @@ class LookupStream(IterableDataset):
             index += 1
             self.next_index = index
             yield Chain(text, tuple(spans))
-
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        for chain in self.chains():
-            yield encode_chain(chain, self.tokenizer)
 
 
 class LookupDataModule(L.LightningDataModule):

@@ -52,7 +52,21 @@ def encode_chain(chain: Chain, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
     return {"input_ids": ids, "labels": labels}
 
 
-class ChainStream(IterableDataset):
+class ChainDataset(IterableDataset):
+    """An endless stream of encoded :class:`Chain` s (``input_ids``, ``labels``): a subclass
+    gives ``chains()`` and ``tokenizer``."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def chains(self) -> Iterator[Chain]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for chain in self.chains():
+            yield encode_chain(chain, self.tokenizer)
+
+
+class ChainStream(ChainDataset):
     """Endless seeded stream of packed chains (``input_ids``, ``labels``).
 
     Problem ``i`` comes from ``ArithmeticGenerator(seed, mix).problem(i)``; chains are filled
@@ -90,10 +104,6 @@ class ChainStream(IterableDataset):
                 index += 1
             self.next_index = index
             yield Chain(text, tuple(spans))
-
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        for chain in self.chains():
-            yield encode_chain(chain, self.tokenizer)
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ and the scores (see :data:`~tokattr.metrics.inputs.NEEDS`), and the methods it
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -248,31 +248,35 @@ class ShapleyError(PerExampleMetric):
         return F.shapley_error(inputs.scores.cpu(), exact, inputs.feature_mask)
 
 
-class PlausibilityAUPRC(PerExampleMetric):
-    """AUPRC of ``|score|`` for operand and operator tokens (label 1) against formatting
-    tokens (label 0), labels from the arithmetic generator. Higher is better."""
+class _AgainstLabels(PerExampleMetric):
+    """A metric of the scores against the ground-truth labels alone (no model call):
+    ``score(scores, labels)``, both ``[batch, seq]`` on the CPU."""
 
     higher_is_better = True
-    name = "plausibility_auprc"
     needs = frozenset({"labels"})
+    score: ClassVar[Callable[[Tensor, Tensor], Tensor]]
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
         labels = inputs.need("labels", self.name)
-        return F.plausibility_auprc(inputs.scores.cpu(), labels)
+        return type(self).score(inputs.scores.cpu(), labels)
 
 
-class PlausibilityTop1(PerExampleMetric):
+class PlausibilityAUPRC(_AgainstLabels):
+    """AUPRC of ``|score|`` for the relevant features (label 1: operand and operator tokens,
+    or known source features) against the irrelevant ones (label 0: formatting tokens, the
+    other features). Higher is better."""
+
+    name = "plausibility_auprc"
+    score = staticmethod(F.plausibility_auprc)
+
+
+class PlausibilityTop1(_AgainstLabels):
     """Whether the feature with the largest ``|score|`` is a relevant one (label 1): on the
     lookup task, whether the top segment is the definition the answer came from. Higher is
     better; ``random`` scores about one over the number of candidates."""
 
-    higher_is_better = True
     name = "plausibility_top1"
-    needs = frozenset({"labels"})
-
-    def per_batch(self, inputs: MetricInputs) -> Tensor:
-        labels = inputs.need("labels", self.name)
-        return F.plausibility_top1(inputs.scores.cpu(), labels)
+    score = staticmethod(F.plausibility_top1)
 
 
 class LDS(PerExampleMetric):
