@@ -131,6 +131,7 @@ def model_problem(lm: LanguageModel, prompts, answers, batch_size: int = 16, see
         target_inputs(batch),
         batch_size,
         (seed,) * len(prompts),
+        model=lm.model,
     )
     return problem, batch
 

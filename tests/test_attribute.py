@@ -23,8 +23,14 @@ FAST = {
     "integrated_gradients": {"n_steps": 8},
     "kernel_shap": {"n_samples": 40},
     "shapley_sampling": {"n_samples": 3},
+    "gradient_shap": {"n_samples": 4},
+    "smoothgrad": {"n_samples": 4},
+    "vargrad": {"n_samples": 4},
+    "lime": {"n_samples": 40},
 }
-RANDOM_METHODS = {"kernel_shap", "shapley_sampling", "random"}
+RANDOM_METHODS = {
+    "kernel_shap", "shapley_sampling", "random", "gradient_shap", "smoothgrad", "vargrad", "lime",
+}  # fmt: skip
 SHORT, SHORT_ANSWER = "7x5=", "35"
 # Longer and shorter prompts, and a longer answer, so SHORT is padded on both sides.
 OTHERS = [("12+34=", "46"), ("9=", "9"), ("9-100=", "-91")]
@@ -76,6 +82,8 @@ def test_forwards_are_batched(method):
         return log_prob(model, embeds, inputs)
 
     prompts, targets = [SHORT, OTHERS[0][0]], [SHORT_ANSWER, OTHERS[0][1]]
+    if method in READS_MODEL:  # these read the model directly, not through the target
+        return _internal_passes_are_batched(lm, method, prompts, targets)
     res = run(lm, prompts, method, targets, seed=0, batch_size=8, target_fn=counting)
     counted = [c for c in calls]
     # IG, occlusion and the gradient methods compute f(x) themselves; for the others one last
@@ -88,6 +96,38 @@ def test_forwards_are_batched(method):
     if method != "random":
         per_call = sum(method_calls) / len(method_calls)
         assert per_call >= 2, method_calls  # never one forward per perturbation
+
+
+READS_MODEL = {"attention", "attention_rollout", "value_zeroing"}
+
+
+def _internal_passes_are_batched(lm, method, prompts, targets):
+    """Model passes (and value zeroing's decoder-layer calls) hold at most batch_size
+    sequences; the attention methods make one model pass per batch, counted in model_evals."""
+    from tokattr.methods.value_zeroing import decoder_layers
+
+    model_calls, layer_calls = [], []
+    hooks = [
+        lm.model.register_forward_pre_hook(
+            lambda m, a, k: model_calls.append(k["inputs_embeds"].shape[0]), with_kwargs=True
+        ),
+        decoder_layers(lm.model)[0].register_forward_pre_hook(
+            lambda m, a, k: layer_calls.append((a[0] if a else k["hidden_states"]).shape[0]),
+            with_kwargs=True,
+        ),
+    ]
+    try:
+        res = run(lm, prompts, method, targets, seed=0, batch_size=8)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(model_calls) <= 8 and max(layer_calls) <= 8
+    if method != "value_zeroing":
+        # One pass for the method, then one for f(x) (the report's), outside the method.
+        assert model_calls[:-1] == [len(prompts)] and sum(r.model_evals for r in res) == 2
+    else:  # per row one capture pass, then each layer once per attended token; then f(x)
+        n_layers, tokens = len(decoder_layers(lm.model)), sum(layer_calls[:-1]) - len(prompts)
+        assert sum(r.model_evals for r in res) == len(prompts) + n_layers * tokens
 
 
 def test_one_prompt_in_a_batch_uses_the_others_forwards():
@@ -348,7 +388,7 @@ def test_to_dict_is_json_ready():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(method="lime"), r"unknown method 'lime'; choose from \['context_cite', 'exact"),
+        (dict(method="deeplift"), r"unknown method 'deeplift'; choose from \['attention', 'attention_"),
         (dict(method="occlusion", n_steps=3), r"unknown parameter\(s\) \['n_steps'\].*window"),
         (dict(method="integrated_gradients", n_steps=0), "n_steps must be an integer >= 1"),
         (dict(method="kernel_shap", n_samples=0), "n_samples must be an integer >= 1"),

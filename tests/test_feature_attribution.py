@@ -112,10 +112,14 @@ def test_exact_shapley_over_features_is_brute_force_enumeration(arch):
     assert a.model_evals == 2**4
 
 
-@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+@pytest.mark.parametrize(
+    "method",
+    ["saliency", "input_x_gradient", "integrated_gradients", "gradient_shap", "smoothgrad",
+     "vargrad"],
+)  # fmt: skip
 def test_gradient_methods_sum_their_token_scores_over_a_feature(method):
     lm = tiny_lm("llama")
-    params = FAST.get(method, {})
+    params = {**FAST.get(method, {}), "seed": 3}  # the same draws for tokens and features
     tokens = attribute(lm, PROMPTS, method, **params)
     # Spans that cover every character: no context, so IG's path is the token-level one.
     cover = [[(0, 8), (8, 14), (14, len(PROMPTS[0]))], [(0, 3), (3, len(PROMPTS[1]))]]

@@ -471,6 +471,8 @@ def test_every_method_is_tested_here():
         "integrated_gradients", "saliency", "input_x_gradient", "occlusion", "kernel_shap",
         "shapley_sampling", "exact_shapley", "random",
         "context_cite",  # against scikit-learn and an additive target: test_feature_attribution
+        "gradient_shap", "smoothgrad", "vargrad", "lime",  # against Captum: test_sampled_methods
+        "attention", "attention_rollout", "value_zeroing",  # test_attention_methods
     }  # fmt: skip
     assert set(METHODS) == covered
 

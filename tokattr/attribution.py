@@ -292,6 +292,9 @@ def attribute_collated(
         evals.add_(passes * torch.bincount(seqs.cpu(), minlength=n_examples))
         return target(x, rows, past=past, branches=branches)
 
+    def count(rows: TargetInputs) -> None:
+        evals.add_(torch.bincount(rows.example_index.cpu(), minlength=n_examples))
+
     batch_size, grad_batch_size = sizes
     row_scores, row_delta, row_fx = [], [], []
     for rows in torch.arange(len(row_of), device=device).split(max(batch_size, n_examples)):
@@ -310,6 +313,8 @@ def attribute_collated(
             shape=ModelShape.of(model),
             feature_ids=None if batch.feature_ids is None else batch.feature_ids[row_of[rows]],
             log_prob_target=fn is log_prob,
+            model=model,
+            count=count,
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()

@@ -83,6 +83,7 @@ def batch_problem(
         shape=ModelShape.of(lm.model),
         feature_ids=batch.feature_ids,
         log_prob_target=fn is log_prob,
+        model=lm.model,
     )
 
 

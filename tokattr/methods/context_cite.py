@@ -97,29 +97,43 @@ class ContextCite(Method):
 
 
 def lasso(
-    x: Tensor, y: Tensor, alpha: float, max_iter: int = 10_000, tol: float = 1e-10
+    x: Tensor,
+    y: Tensor,
+    alpha: float,
+    max_iter: int = 10_000,
+    tol: float = 1e-10,
+    sample_weight: Tensor | None = None,
+    standardize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """scikit-learn's ``make_pipeline(StandardScaler(), Lasso(alpha, fit_intercept=True))``
-    fit, with the weights and intercept mapped back to the unscaled inputs: minimise
-    ``(1 / 2m) ||y - b - z w||^2 + alpha ||w||_1`` over the standardised columns ``z`` (a
-    constant column scales by 1, as the scaler does), by cyclic coordinate descent in float64
-    until no weight moves by more than ``tol``.
+    fit (``standardize=False``: ``Lasso`` alone), with the weights and intercept mapped back
+    to the unscaled inputs: minimise ``(1 / 2W) sum_i w_i (y_i - b - z_i . beta)^2 + alpha
+    ||beta||_1`` over the standardised columns ``z`` (a constant column scales by 1, as the
+    scaler does; ``w_i`` the sample weights, 1 by default, ``W`` their sum, as scikit-learn
+    rescales them), by cyclic coordinate descent in float64 until no weight moves by more than
+    ``tol``.
 
     Args:
         x: ``[m, n]`` inputs (the keep masks).
         y: ``[m]`` targets.
+        sample_weight: ``[m]`` non-negative weights of the observations (LIME's kernel).
+        standardize: scale each column to unit variance first (ContextCite); the means are
+            always removed (the intercept).
 
     Returns:
         ``[n]`` weights and the intercept on the unscaled inputs (float64).
     """
     xs, ys = x.double().cpu().numpy(), y.double().cpu().numpy()
     m, n = xs.shape
-    mean = xs.mean(0)
-    scale = xs.std(0)
+    sw = np.ones(m) if sample_weight is None else sample_weight.double().cpu().numpy()
+    sw = sw * m / sw.sum()  # scikit-learn's rescaling: weights that sum to m
+    mean = (sw[:, None] * xs).sum(0) / m
+    scale = xs.std(0) if standardize else np.ones(n)
     scale = np.where(scale > 0, scale, 1.0)
-    z = np.ascontiguousarray(((xs - mean) / scale).T)  # [n, m], rows of mean 0
-    y_mean = ys.mean()
-    resid = ys - y_mean  # the intercept absorbs the mean; z's rows have mean 0
+    root = np.sqrt(sw)
+    z = np.ascontiguousarray(((xs - mean) / scale * root[:, None]).T)  # [n, m], weighted mean 0
+    y_mean = (sw * ys).sum() / m
+    resid = (ys - y_mean) * root  # the intercept absorbs the mean; z's rows have mean 0
     w = np.zeros(n)
     norms = (z * z).sum(1)  # [n]
     threshold = alpha * m

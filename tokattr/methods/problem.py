@@ -70,7 +70,11 @@ class AttributionProblem:
     methods may skip recomputing them. ``branches_ok``: ``forward`` takes ``branches=`` (the
     model honours a packed tree's attention mask and position ids). ``shape``: the model's
     dimensions, where a method sizes passes of unlike sequences by memory
-    (:mod:`tokattr.engine.memory`).
+    (:mod:`tokattr.engine.memory`). ``model``: the language model itself, for the methods that
+    read its attention or rewrite its backward pass (:mod:`tokattr.methods.internals`); the
+    others see it only through ``forward``. ``count(rows)``: such a method reports each pass it
+    makes on the model directly (``rows`` the inputs of the sequences in it), so
+    ``model_evals`` counts them like the passes through ``forward``.
     """
 
     forward: Forward
@@ -86,6 +90,8 @@ class AttributionProblem:
     shape: ModelShape | None = None
     feature_ids: Tensor | None = None  # [batch, seq] long: feature of each column, -1 off them
     log_prob_target: bool = False  # the target is the answer's log-probability (targets.log_prob)
+    model: torch.nn.Module | None = None  # the causal LM, for methods that read its internals
+    count: Callable[[TargetInputs], None] | None = None  # records passes made outside forward
 
     @property
     def grouped(self) -> bool:
@@ -172,6 +178,8 @@ class AttributionProblem:
             shape=self.shape,
             feature_ids=None if self.feature_ids is None else self.feature_ids[rows],
             log_prob_target=self.log_prob_target,
+            model=self.model,
+            count=self.count,
         )
 
     def feature_columns(self) -> Tensor:
