@@ -51,6 +51,15 @@ BENCH_PARAMS: dict[str, dict[str, Any]] = {
     "saliency": {},
     "input_x_gradient": {},
     "exact_shapley": {},
+    "gradient_shap": {"n_samples": 20},
+    "smoothgrad": {"base": "saliency", "n_samples": 20},
+    "vargrad": {"base": "saliency", "n_samples": 20},
+    "lime": {"n_samples": 200},
+    "attention": {},
+    "attention_rollout": {},
+    "value_zeroing": {},
+    "attnlrp": {},
+    "cp_lrp": {},
 }
 """Method -> the benchmark's hyper-parameters (occlusion: window 1). ``random`` is not timed: it
 puts nothing through the model."""
@@ -72,8 +81,18 @@ PEERS: dict[str, tuple[str, ...]] = {
     "saliency": ("inseq",),
     "input_x_gradient": ("captum", "inseq"),
     "exact_shapley": (),
+    "gradient_shap": ("captum",),
+    "smoothgrad": ("captum",),
+    "vargrad": ("captum",),
+    "lime": ("captum",),
+    "attention": ("inseq",),
+    "attention_rollout": (),
+    "value_zeroing": ("inseq",),
+    "attnlrp": (),
+    "cp_lrp": (),
 }
-"""Method -> the peers that have it. Captum's exact ``ShapleyValues`` enumerates all n!
+"""Method -> the peers that have it (LXT, the only AttnLRP, does not run on transformers 5:
+``bench/results/attnlrp-lxt.md``). Captum's exact ``ShapleyValues`` enumerates all n!
 permutations (not 2^n coalitions), so it is no peer for ``exact_shapley``."""
 
 EQUALITY_TOLERANCE: dict[str, float] = {
@@ -82,10 +101,16 @@ EQUALITY_TOLERANCE: dict[str, float] = {
     "kernel_shap": 1e-2,
     "integrated_gradients": 1e-3,
     "input_x_gradient": 1e-4,
+    "gradient_shap": 1e-3,
+    "smoothgrad": 1e-3,
+    "vargrad": 1e-3,
+    "lime": 1e-2,
 }
 """Relative tolerance (max |tokattr - captum| / max |captum|) of the Captum equality checks
 in float32. kernel_shap is loose: Captum fits scikit-learn's LinearRegression, tokattr an
-exact float64 least squares. bfloat16 runs use ``BF16_TOLERANCE`` for every method."""
+exact float64 least squares; lime too (scikit-learn's Lasso stops at its default tolerance,
+tokattr's coordinate descent runs to convergence). bfloat16 runs use ``BF16_TOLERANCE`` for
+every method."""
 BF16_TOLERANCE = 5e-2
 
 QUICK_LLAMA_PARAMS: dict[int, dict[str, dict[str, Any] | None]] = {
@@ -503,8 +528,21 @@ def evaluations(method: str, params: dict[str, Any], n: int) -> tuple[int, int]:
         return 2**n, 0
     if method == "integrated_gradients":
         return 2, int(params["n_steps"])
-    if method in ("saliency", "input_x_gradient"):
+    if method in ("saliency", "input_x_gradient", "attnlrp", "cp_lrp"):
         return 0, 1
+    if method == "gradient_shap":
+        return 0, int(params["n_samples"])
+    if method in ("smoothgrad", "vargrad"):
+        ig = params.get("base") == "integrated_gradients"
+        steps = int(params.get("n_steps", 16)) if ig else 1
+        return 0, int(params["n_samples"]) * steps
+    if method == "lime":
+        return int(params["n_samples"]), 0
+    if method in ("attention", "attention_rollout"):
+        return 1, 0
+    if method == "value_zeroing":
+        # One pass, then every layer once per token: about one full forward per token.
+        return 1 + n, 0
     raise ValueError(f"no evaluation count for {method!r}")
 
 
@@ -531,7 +569,7 @@ def peer_estimate(
         return n_answer * (per_token + fwd * floor.forward_b1_s)
     if impl == "inseq":  # occlusion per answer token
         return n_answer * fwd * floor.forward_b1_s
-    return fwd * floor.forward_b1_s
+    return fwd * floor.forward_b1_s + bwd * floor.backward_b1_s
 
 
 # ---------------------------------------------------------------------------- memory
@@ -656,7 +694,83 @@ def captum_runner(
             return out.seq_attr.detach().float().cpu()
 
         return input_x_gradient
+    if method in EMBEDDING_PEERS:
+        return captum_embedding_runner(lm, method, params)
     raise ValueError(f"Captum has no teacher-forced LLM wrapper for {method!r}")
+
+
+EMBEDDING_PEERS = frozenset({"gradient_shap", "smoothgrad", "vargrad", "lime"})
+"""Methods Captum's LLM wrappers do not take (NoiseTunnel, GradientShap's baseline draw) or
+where tokattr's equality is defined on embeddings: timed through Captum's own class on the
+prompt's feature embeddings, the target the teacher-forced log-probability of the answer."""
+
+
+def captum_embedding_runner(
+    lm: LanguageModel, method: str, params: dict[str, Any]
+) -> Callable[[str, list[int]], Tensor]:
+    """``(prompt, answer ids) -> scores [n features]`` from Captum's ``GradientShap``,
+    ``NoiseTunnel`` or ``Lime`` on the feature tokens' embeddings (BOS and the answer fixed),
+    one prompt per call, NumPy and torch reseeded with ``SEED`` before each prompt (tokattr's
+    draws for ``seed=SEED``)."""
+    import numpy as np
+    from captum.attr import GradientShap, Lime, NoiseTunnel, Saliency
+
+    model, tok = lm.model, lm.tokenizer
+    layer = model.get_input_embeddings()
+    pad = layer.weight[tok.pad_token_id].detach()
+
+    def setup(prompt: str, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Callable]:
+        prompt_ids = tok(prompt)["input_ids"]
+        full = torch.tensor([*prompt_ids, *ids], device=layer.weight.device)
+        cols = torch.arange(1, len(prompt_ids), device=full.device)  # BOS left out
+        with torch.no_grad():
+            x = layer(full)[None]
+        n_prompt = len(prompt_ids)
+
+        def f_full(e: Tensor) -> Tensor:
+            logits = model(inputs_embeds=e, use_cache=False).logits.float()
+            logp = logits[:, n_prompt - 1 : -1].log_softmax(-1)
+            return logp.gather(-1, full[n_prompt:].expand(len(e), -1)[..., None]).sum((1, 2))
+
+        return x, cols, pad.expand(len(cols), -1)[None], f_full
+
+    def run(prompt: str, ids: list[int]) -> Tensor:
+        x, cols, base, f_full = setup(prompt, ids)
+
+        def f(e: Tensor) -> Tensor:
+            full = x.expand(len(e), -1, -1).clone()
+            full[:, cols] = e
+            return f_full(full)
+
+        np.random.seed(SEED)
+        torch.manual_seed(SEED)
+        feats = x[:, cols]
+        if method == "gradient_shap":
+            out = GradientShap(f).attribute(feats, baselines=base, n_samples=params["n_samples"])
+            return out[0].sum(-1).detach().float().cpu()
+        if method in ("smoothgrad", "vargrad"):
+            if params.get("base", "saliency") != "saliency":
+                raise ValueError("the Captum peer of the noise tunnel is timed over saliency")
+            stdev = 0.15 * float(feats.max() - feats.min())  # tokattr's default rule
+            out = NoiseTunnel(Saliency(f)).attribute(
+                feats, nt_type=method, nt_samples=params["n_samples"], stdevs=stdev
+            )[0]
+            reduced = out.norm(dim=-1) if method == "smoothgrad" else out.sum(-1)
+            return reduced.detach().float().cpu()
+        groups = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        groups[0, cols] = torch.arange(len(cols), device=x.device)
+        baselines = x.clone()
+        baselines[0, cols] = pad  # BOS and the answer: baseline = input (never removed)
+        with torch.no_grad():
+            out = Lime(f_full).attribute(
+                x,
+                baselines=baselines,
+                feature_mask=groups[..., None].expand_as(x),
+                n_samples=params["n_samples"],
+            )
+        return out[0, cols, 0].detach().float().cpu()
+
+    return run
 
 
 INSEQ_METHOD = {
@@ -664,6 +778,8 @@ INSEQ_METHOD = {
     "occlusion": "occlusion",
     "saliency": "saliency",
     "input_x_gradient": "input_x_gradient",
+    "attention": "attention",
+    "value_zeroing": "value_zeroing",
 }
 
 

@@ -89,7 +89,8 @@ def test_forwards_are_batched(method):
     # IG, occlusion and the gradient methods compute f(x) themselves; for the others one last
     # forward per batch
     # computes it for the report, outside the method.
-    computes_fx = ("integrated_gradients", "occlusion", "saliency", "input_x_gradient")
+    computes_fx = ("integrated_gradients", "occlusion", "saliency", "input_x_gradient", "attnlrp",
+                   "cp_lrp")  # fmt: skip
     method_calls = counted if method in computes_fx else counted[:-1]
     assert max(counted) <= 8
     assert sum(method_calls) == sum(r.model_evals for r in res)

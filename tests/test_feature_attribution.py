@@ -115,7 +115,7 @@ def test_exact_shapley_over_features_is_brute_force_enumeration(arch):
 @pytest.mark.parametrize(
     "method",
     ["saliency", "input_x_gradient", "integrated_gradients", "gradient_shap", "smoothgrad",
-     "vargrad"],
+     "vargrad", "attnlrp", "cp_lrp"],
 )  # fmt: skip
 def test_gradient_methods_sum_their_token_scores_over_a_feature(method):
     lm = tiny_lm("llama")

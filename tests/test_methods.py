@@ -473,6 +473,7 @@ def test_every_method_is_tested_here():
         "context_cite",  # against scikit-learn and an additive target: test_feature_attribution
         "gradient_shap", "smoothgrad", "vargrad", "lime",  # against Captum: test_sampled_methods
         "attention", "attention_rollout", "value_zeroing",  # test_attention_methods
+        "attnlrp", "cp_lrp",  # rules by hand and conservation: test_lrp
     }  # fmt: skip
     assert set(METHODS) == covered
 

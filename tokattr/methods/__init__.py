@@ -8,6 +8,7 @@ target function) and returns per-token scores. Use them through :func:`tokattr.a
 from __future__ import annotations
 
 from tokattr.methods.attention import Attention, AttentionRollout
+from tokattr.methods.attnlrp import CPLRP, AttnLRP
 from tokattr.methods.context_cite import ContextCite
 from tokattr.methods.exact_shapley import ExactShapley
 from tokattr.methods.gradient_shap import GradientShap
@@ -39,14 +40,18 @@ METHODS: dict[str, type[Method]] = {
     "attention": Attention,
     "attention_rollout": AttentionRollout,
     "value_zeroing": ValueZeroing,
+    "attnlrp": AttnLRP,
+    "cp_lrp": CPLRP,
     "random": RandomAttribution,
 }
 """Method name -> method class (explicit; no discovery)."""
 
 __all__ = [
+    "CPLRP",
     "METHODS",
     "Attention",
     "AttentionRollout",
+    "AttnLRP",
     "AttributionProblem",
     "ContextCite",
     "ExactShapley",
