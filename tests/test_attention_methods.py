@@ -169,6 +169,11 @@ FAST = {
 }
 
 
+def _hook_counts(m):
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return tuple(len(getattr(m, h, {})) for h in hooks)
+
+
 def _snapshot(model):
     """Everything about a model a method could leave changed: parameters (values, dtype,
     device, requires_grad), buffers, modes, hooks, forwards and the attention implementation."""

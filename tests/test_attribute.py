@@ -389,7 +389,7 @@ def test_to_dict_is_json_ready():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(method="deeplift"), r"unknown method 'deeplift'; choose from \['attention', 'attention_"),
+        (dict(method="deeplift"), r"unknown method 'deeplift'; choose from \['attention', 'att"),
         (dict(method="occlusion", n_steps=3), r"unknown parameter\(s\) \['n_steps'\].*window"),
         (dict(method="integrated_gradients", n_steps=0), "n_steps must be an integer >= 1"),
         (dict(method="kernel_shap", n_samples=0), "n_samples must be an integer >= 1"),
