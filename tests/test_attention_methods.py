@@ -181,15 +181,7 @@ def _snapshot(model):
         "params": {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "modes": [m.training for m in model.modules()],
-        "hooks": [
-            (
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})),
-            )
-            for m in model.modules()
-        ],  # fmt: skip
+        "hooks": [_hook_counts(m) for m in model.modules()],
         "forwards": [(type(m).forward, "forward" in vars(m)) for m in model.modules()],
         "attn": model.config._attn_implementation,
         "grads": [p.grad is None for p in model.parameters()],
