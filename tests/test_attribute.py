@@ -89,8 +89,7 @@ def test_forwards_are_batched(method):
     # IG, occlusion and the gradient methods compute f(x) themselves; for the others one last
     # forward per batch
     # computes it for the report, outside the method.
-    computes_fx = ("integrated_gradients", "occlusion", "saliency", "input_x_gradient", "attnlrp",
-                   "cp_lrp")  # fmt: skip
+    computes_fx = ("integrated_gradients", "occlusion", "saliency", "input_x_gradient")
     method_calls = counted if method in computes_fx else counted[:-1]
     assert max(counted) <= 8
     assert sum(method_calls) == sum(r.model_evals for r in res)
@@ -99,7 +98,7 @@ def test_forwards_are_batched(method):
         assert per_call >= 2, method_calls  # never one forward per perturbation
 
 
-READS_MODEL = {"attention", "attention_rollout", "value_zeroing"}
+READS_MODEL = {"attention", "attention_rollout", "value_zeroing", "attnlrp", "cp_lrp"}
 
 
 def _internal_passes_are_batched(lm, method, prompts, targets):

@@ -42,6 +42,22 @@ def answer_log_probs(
     return token_logp
 
 
+def answer_logits(
+    model: nn.Module,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    score_mask: Tensor,
+) -> Tensor:
+    """Teacher-forced raw logits of the scored answer tokens (no softmax), 0 elsewhere: what
+    LRP explains. ``[batch, k]`` float32, as :func:`answer_log_probs`' columns."""
+    _, token_logits = _score_columns(
+        model, embeds, attention_mask, position_ids, labels, score_mask
+    )
+    return token_logits
+
+
 def _score_columns(
     model: nn.Module,
     embeds: Tensor,
