@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -9,15 +11,23 @@ from tokattr.methods.internals import eager_attention, needs_model, query_column
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 
-def attention_maps(problem: AttributionProblem, method: str) -> list[Tensor]:
-    """Every layer's attention weights of every row, averaged over heads, from one forward per
-    ``batch_size`` rows with eager attention (restored after): per layer ``[batch, seq, seq]``
-    float32 (query x key; 0 at the padding a pass leaves out)."""
+def attention_scores(
+    problem: AttributionProblem,
+    method: str,
+    read: Callable[[list[Tensor], Tensor, Tensor], Tensor],
+) -> Tensor:
+    """Scores read from every layer's head-averaged attention, one forward per ``batch_size``
+    rows with eager attention (restored after). ``read(maps, q, attended)`` gets a pass's
+    per-layer ``[rows, seq', seq']`` weights (float32, query x key, over the pass's columns),
+    each row's query column in them and its attended columns (``[rows, seq']`` bool), and
+    returns ``[rows, seq']`` scores; only those are kept, so
+    memory stays at one pass's attention weights. ``[batch, seq]`` float32, 0 off the
+    features."""
     model = needs_model(problem, method)
-    n, seq = problem.n_rows, problem.embeds.shape[1]
-    rows = torch.arange(n, device=problem.embeds.device)
+    rows = torch.arange(problem.n_rows, device=problem.embeds.device)
     rows = rows[problem.by_length(rows)]
-    maps: list[Tensor] = []
+    q_all = query_columns(problem).to(rows.device)
+    scores = torch.zeros(problem.feature_mask.shape, dtype=torch.float32, device=rows.device)
 
     def run(i: int, j: int) -> None:
         r = rows[i:j]
@@ -27,30 +37,36 @@ def attention_maps(problem: AttributionProblem, method: str) -> list[Tensor]:
         attentions = out.attentions  # type: ignore[attr-defined]
         if not attentions or attentions[0] is None:
             raise ValueError(f"{method}: {type(model).__name__} returned no attention weights")
-        if not maps:
-            maps.extend(torch.zeros(n, seq, seq, device=r.device) for _ in attentions)
-        for layer, a in enumerate(attentions):  # [rows, heads, seq', seq']
-            block = torch.zeros(len(r), seq, seq, device=r.device)
-            block[:, cols, cols] = a.float().mean(1)
-            maps[layer][r] = block
+        maps = [a.float().mean(1) for a in attentions]  # per layer [rows, seq', seq']
+        attended = problem.inputs.attention_mask[r, cols].bool().to(r.device)
+        scores[r, cols] = read(maps, q_all[r] - cols.start, attended).float()
 
     with eager_attention(model):
-        chunked(n, problem.batch_size, run)
-    return maps
+        chunked(problem.n_rows, problem.batch_size, run)
+    return torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
 
 
-def rollout(maps: list[Tensor], attended: Tensor) -> Tensor:
-    """Abnar & Zuidema's attention rollout: ``R = A'_L ... A'_1`` with ``A' = (A + I) / 2``
-    re-normalised to rows of sum 1 (the residual connection as an identity half), over the
-    attended columns only. ``maps``: per layer ``[batch, seq, seq]``; returns ``[batch, seq,
-    seq]`` (rows of sum 1 at attended queries)."""
-    eye = torch.diag_embed(attended.float())  # identity on the attended columns only
-    out = eye
-    for a in maps:
-        mixed = 0.5 * a + 0.5 * eye
-        mixed = mixed / mixed.sum(-1, keepdim=True).clamp(min=1e-12)
-        out = mixed @ out
-    return out
+def _row(matrix: Tensor, q: Tensor) -> Tensor:
+    """Row ``q[b]`` of each ``matrix[b]``. ``[rows, seq]``"""
+    return matrix[torch.arange(len(q), device=matrix.device), q]
+
+
+def rollout_row(maps: list[Tensor], attended: Tensor, q: Tensor) -> Tensor:
+    """Row ``q`` of Abnar & Zuidema's attention rollout ``R = A'_L ... A'_1``, with ``A' = (A +
+    I) / 2`` re-normalised to rows of sum 1 (the residual connection as an identity half) on
+    the ``attended`` columns: ``e_q A'_L ... A'_1``, a row vector carried down the layers, so
+    the product of ``[seq, seq]`` matrices is never formed (``O(L seq^2)``, not ``O(L
+    seq^3)``). ``maps``: per layer ``[batch, seq, seq]``; returns ``[batch, seq]``."""
+    eye = torch.diag_embed(attended.float())
+    v = _row(eye, q)  # [batch, seq]
+    for a in reversed(maps):
+        v = (v[:, None] @ _mixed(a, eye))[:, 0]
+    return v
+
+
+def _mixed(a: Tensor, eye: Tensor) -> Tensor:
+    mixed = 0.5 * a + 0.5 * eye
+    return mixed / mixed.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 class Attention(Method):
@@ -75,12 +91,15 @@ class Attention(Method):
         self.layer = layer
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
-        maps = attention_maps(problem, "attention")
-        if not -len(maps) <= self.layer < len(maps):
-            raise ValueError(
-                f"attention: layer {self.layer} does not exist; the model has {len(maps)} layers"
-            )
-        return MethodOutput(_at_queries(problem, maps[self.layer]))
+        def read(maps: list[Tensor], q: Tensor, attended: Tensor) -> Tensor:
+            if not -len(maps) <= self.layer < len(maps):
+                raise ValueError(
+                    f"attention: layer {self.layer} does not exist; the model has {len(maps)} "
+                    "layers"
+                )
+            return _row(maps[self.layer], q)
+
+        return MethodOutput(attention_scores(problem, "attention", read))
 
 
 class AttentionRollout(Method):
@@ -98,14 +117,7 @@ class AttentionRollout(Method):
         pass  # no hyper-parameters
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
-        maps = attention_maps(problem, "attention_rollout")
-        attended = problem.inputs.attention_mask.bool().to(problem.embeds.device)
-        return MethodOutput(_at_queries(problem, rollout(maps, attended)))
+        def read(maps: list[Tensor], q: Tensor, attended: Tensor) -> Tensor:
+            return rollout_row(maps, attended, q)
 
-
-def _at_queries(problem: AttributionProblem, mixing: Tensor) -> Tensor:
-    """Row ``query_columns`` of each ``[seq, seq]`` mixing matrix, 0 off the features.
-    ``[batch, seq]`` float32"""
-    q = query_columns(problem).to(mixing.device)
-    scores = mixing[torch.arange(len(q), device=mixing.device), q].float()
-    return torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
+        return MethodOutput(attention_scores(problem, "attention_rollout", read))
