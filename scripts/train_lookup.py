@@ -9,11 +9,11 @@ induction signal: every position of the copy is predictable only by induction. W
 batch of such sequences, a 2-layer model learns the lookup within 800 steps (96% on 2-16
 definitions: ``bench/results/lookup-training.md``).
 
-Stage 1 trains from scratch on contexts of 2-16 definitions; stage 2 (not yet run to the end)
-continues on 2-52 (the benchmark's prompts have 20-52), with less of the warm-up. AdamW, linear warm-up over 100
-steps, then a constant learning rate; greedy accuracy on fresh problems of the stage's
-validation range every 200 steps; the model is saved (``save_pretrained``) at every
-evaluation.
+Stage 1 trains from scratch on contexts of 2-16 definitions; stage 2 (not yet run to the
+end) continues on 2-52 (the benchmark's prompts have 20-52), with less of the warm-up. AdamW,
+linear warm-up over 100 steps, then a constant learning rate; greedy accuracy on fresh
+problems of the stage's validation range every 200 steps; the model is saved
+(``save_pretrained``) at every evaluation.
 
     .venv/bin/python scripts/train_lookup.py --out runs/lookup-stage1 --steps 800
     .venv/bin/python scripts/train_lookup.py --out runs/lookup-stage2 --init runs/lookup-stage1 \\
