@@ -148,10 +148,18 @@ def test_a_family_without_a_rule_is_named():
         value_projection(decoder_layers(model)[0], model)
 
 
-def test_a_layer_that_does_not_exist_is_refused():
+@pytest.mark.parametrize("method", ["attention", "value_zeroing"])
+def test_a_layer_that_does_not_exist_is_refused_before_any_pass(method):
     lm = tiny_lm("llama")
-    with pytest.raises(ValueError, match="layer 5 does not exist; the model has 2 layers"):
-        attribute(lm, PROMPT, "attention", target=ANSWER, layer=5)
+    attribute(lm, PROMPT, "saliency", target=ANSWER)  # the once-per-model probes, done here
+    calls = []
+    hook = decoder_layers(lm.model)[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=f"{method}: layer 5 does not exist; the model has 2"):
+            attribute(lm, PROMPT, method, target=ANSWER, layer=5)
+    finally:
+        hook.remove()
+    assert calls == []
 
 
 # ----------------------------------------------------------------- the user's model untouched

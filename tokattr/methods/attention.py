@@ -7,7 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokattr.methods.internals import eager_attention, needs_model, query_columns, run_model
+from tokattr.methods.internals import (
+    check_layer,
+    eager_attention,
+    needs_model,
+    query_columns,
+    run_model,
+)
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 
@@ -91,12 +97,9 @@ class Attention(Method):
         self.layer = layer
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
+        check_layer(needs_model(problem, "attention"), self.layer, "attention")
+
         def read(maps: list[Tensor], q: Tensor, attended: Tensor) -> Tensor:
-            if not -len(maps) <= self.layer < len(maps):
-                raise ValueError(
-                    f"attention: layer {self.layer} does not exist; the model has {len(maps)} "
-                    "layers"
-                )
             return _row(maps[self.layer], q)
 
         return MethodOutput(attention_scores(problem, "attention", read))

@@ -73,15 +73,12 @@ def query_columns(problem: AttributionProblem) -> Tensor:
     return first - 1
 
 
-def run_model(
-    problem: AttributionProblem, rows: Tensor, cols: slice, embeds: Tensor | None = None, **kw
-) -> object:
-    """The model on rows ``rows`` over columns ``cols`` (their embeddings, or ``embeds``, one
-    sequence per row),
+def run_model(problem: AttributionProblem, rows: Tensor, cols: slice, **kw: object) -> object:
+    """The model on rows ``rows`` over columns ``cols`` (their embeddings),
     without a cache; ``kw`` go to the model's forward (``output_attentions=True``, ...). The
     pass is reported to the problem's ``count``."""
     model = needs_model(problem, "this method")
-    x = problem.embeds[rows, cols] if embeds is None else embeds
+    x = problem.embeds[rows, cols]
     inputs = problem.inputs.select(rows, cols)
     if problem.count is not None:
         problem.count(inputs)
@@ -92,3 +89,10 @@ def run_model(
         use_cache=False,
         **kw,
     )
+
+
+def check_layer(model: nn.Module, layer: int, method: str) -> None:
+    """A clear error, before any pass, where ``layer`` is not one of the model's layers."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n, int) and not -n <= layer < n:
+        raise ValueError(f"{method}: layer {layer} does not exist; the model has {n} layers")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tokattr.methods.internals import needs_model, query_columns
+from tokattr.methods.internals import check_layer, needs_model, query_columns
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 ZeroFn = Callable[[Tensor, Tensor], Tensor]
@@ -180,6 +180,8 @@ class ValueZeroing(Method):
         self.layer = layer
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
+        if self.layer is not None:
+            check_layer(needs_model(problem, "value_zeroing"), self.layer, "value_zeroing")
         q = query_columns(problem).tolist()
         scores = torch.zeros(problem.feature_mask.shape, dtype=torch.float32)
         for row in range(problem.n_rows):
@@ -191,11 +193,6 @@ class ValueZeroing(Method):
                     mixed = c if mixed is None else c @ mixed
                 chosen = mixed
             else:
-                if not -len(matrices) <= self.layer < len(matrices):
-                    raise ValueError(
-                        f"value_zeroing: layer {self.layer} does not exist; the model has "
-                        f"{len(matrices)} layers"
-                    )
                 chosen = matrices[self.layer]
             scores[row, cols] = chosen[q[row] - cols.start].float().cpu()  # type: ignore[index]
         scores = scores.to(problem.embeds.device)
