@@ -17,7 +17,7 @@ from transformers import (
 )
 
 ASSETS = Path(__file__).parent / "assets"
-BUNDLED = {"arith-tiny": ASSETS / "arith-tiny"}
+BUNDLED = {"arith-tiny": ASSETS / "arith-tiny", "lookup-tiny": ASSETS / "lookup-tiny"}
 """Models shipped inside the package, by name."""
 
 

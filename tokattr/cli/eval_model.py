@@ -26,9 +26,10 @@ def eval_model(
         buckets: which buckets (default: all, plus "demonstrations").
         batch_size: prompts per generate call.
         device: "cpu", "cuda", "cuda:1", ... (default: CPU).
-        dataset: "arithmetic", "lookup" (n_per_bucket problems of 20-52 definitions,
-            binned by length), or "auto" (default): what the model was trained on, where its
-            training record says (lookup-tiny: lookup), else arithmetic.
+        dataset: "arithmetic", "lookup" (n_per_bucket problems of as many definitions as the
+            model's last training stage saw, else 20-52, binned by length), or "auto"
+            (default): what the model was trained on, where its training record says
+            (lookup-tiny: lookup), else arithmetic.
     """
     import json
 
@@ -41,6 +42,7 @@ def eval_model(
         raise ValueError(f"unknown dataset {dataset!r}; choose from auto, arithmetic, lookup")
     lm = load_model(model, device=device)
     record = lm.path / "training.json" if lm.path else None
+    stages: list[dict] = []
     if record and record.is_file():
         stages = json.loads(record.read_text()).get("stages", [])
         if seed in {st["data"]["seed"] for st in stages} | {
@@ -50,12 +52,13 @@ def eval_model(
                 f"seed {seed} is the seed {model} was trained on; pick another for fresh problems"
             )
     if dataset == "auto":
-        mixes = [st["data"].get("mix", {}) for st in stages] if record and record.is_file() else []
+        mixes = [st["data"].get("mix", {}) for st in stages]
         dataset = "lookup" if any("lookup" in m for m in mixes) else "arithmetic"
     if dataset == "lookup":
         from tokattr.accuracy import lookup_accuracy
 
-        rows = lookup_accuracy(lm, n_per_bucket, seed, batch_size=min(batch_size, 64))
+        pairs = tuple(stages[-1]["data"].get("pairs", (20, 52))) if stages else (20, 52)
+        rows = lookup_accuracy(lm, n_per_bucket, seed, pairs, batch_size=min(batch_size, 64))
     else:
         rows = bucket_accuracy(lm, n_per_bucket, seed, buckets, batch_size)
     table = Table(title=f"{model}: greedy exact match (seed {seed})")

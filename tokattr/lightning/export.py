@@ -129,6 +129,17 @@ def write_model_card(
         f"| {b} | " + " | ".join(f"{st['data']['mix'].get(b, 0):.2f}" for st in stages) + " |"
         for b in buckets
     )
+    mix_table = (
+        f"""
+Data mix (weights of the query buckets):
+
+| bucket | {head} |
+|---|{"---:|" * len(stages)}
+{mix_rows}
+"""
+        if len(buckets) > 1
+        else ""
+    )
     stage_text = []
     for i, st in enumerate(stages, start=1):
         d, sm = st["data"], st["model"]
@@ -137,10 +148,19 @@ def write_model_card(
             if "max_len" in d
             else f"sequences of {d.get('pairs')} definitions and {d.get('queries')} queries"
         )
+        if d.get("warmup_mix"):
+            shape += f", {d['warmup_mix']:.0%} of them repeated random strings"
+        if sm.get("schedule", "one_cycle") == "constant":
+            schedule = (
+                f"linear warm-up over {sm['warmup_pct']:.0%} of the steps to {sm['lr']}, "
+                "then constant"
+            )
+        else:
+            schedule = f"one-cycle schedule peaking at {sm['lr']}"
         stage_text.append(
             f"""{i}. `{st["command"]}`: {st["steps"]} steps of {d["batch_size"]} {shape}
    ({st["problems_seen"]:,} problems), seed {st["seed"]} (data stream seed {d["seed"]}); AdamW
-   (weight decay {sm["weight_decay"]}), one-cycle schedule peaking at {sm["lr"]};
+   (weight decay {sm["weight_decay"]}), {schedule};
    {st["train_minutes"]:.1f} min wall on {st["machine"]}; final training loss
    {st["final_loss"]:.4f} (mean of the last 50 steps)."""
         )
@@ -161,13 +181,7 @@ context {m["max_position_embeddings"]}) {text.about}. Load it with
 {steps}
 
 Total training wall time: {total:.1f} minutes.
-
-Data mix (weights of the query buckets):
-
-| bucket | {head} |
-|---|{"---:|" * len(stages)}
-{mix_rows}
-
+{mix_table}
 ## Accuracy
 
 Greedy exact match on fresh problems (generator seed {eval_seed}, never used in training),

@@ -6,23 +6,46 @@ answer digit and the token that ends each answer (``;`` or ``</s>``), as in the 
 chains (:func:`tokattr.lightning.train_data.encode_chain`). The first query of a sequence is
 exactly a benchmark prompt; the later ones teach the same lookup with more supervision per
 sequence.
+
+Small models trained on lookup sequences alone stay for thousands of steps on the plateau of
+"copy some value of the context" (``bench/results/lookup-training.md``). The *induction
+warm-up* mixes in repeated random sequences (a random string of keys, digits and ``;``
+followed by itself, the loss on the copy), where every predicted token is predictable only by
+induction (Olsson et al. 2022, "In-context learning and induction heads"): the dense signal
+that gets a 2-layer model past the plateau within a few hundred steps.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from tokattr.data.lookup import QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator, layout
+from tokattr.data.lookup import KEYS, QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator, layout
 from tokattr.data.tokenizer import build_tokenizer
 from tokattr.lightning.train_data import Chain, ChainDataset, collate, encode_chain
 
+REPEAT_LENGTH = (10, 60)
+"""Characters of the random string of a repeated sequence (before it is repeated)."""
+
+
+def repeated_chain(rng: random.Random, length: tuple[int, int] = REPEAT_LENGTH) -> Chain:
+    """A random string of keys, digits and ``;`` followed by itself, the copy predicted.
+
+    The copy's first two characters are not predicted: before them nothing says which earlier
+    position the copy continues from.
+    """
+    chars = KEYS + "0123456789" + SEPARATOR
+    s = "".join(rng.choice(chars) for _ in range(rng.randint(*length)))
+    return Chain(s + s, ((len(s) + 2, 2 * len(s)),))
+
 
 class LookupStream(ChainDataset):
-    """Endless seeded stream of encoded lookup sequences (``input_ids``, ``labels``)."""
+    """Endless seeded stream of encoded lookup sequences (``input_ids``, ``labels``), with a
+    share ``warmup_mix`` of repeated random sequences (:func:`repeated_chain`) in between."""
 
     def __init__(
         self,
@@ -30,15 +53,24 @@ class LookupStream(ChainDataset):
         seed: int,
         pairs: tuple[int, int],
         queries: int,
+        warmup_mix: float = 0.0,
     ) -> None:
+        if not 0.0 <= warmup_mix < 1.0:
+            raise ValueError(f"warmup_mix must be in [0, 1), got {warmup_mix}")
         self.tokenizer = tokenizer
         self.generator = LookupGenerator(seed, pairs)
         self.queries = queries
+        self.warmup_mix = warmup_mix
+        self.seed = seed
         self.next_index = 0
 
     def chains(self) -> Iterator[Chain]:
         index = 0
+        mixer = random.Random(f"lookup-warmup:{self.seed}")
         while True:
+            if self.warmup_mix and mixer.random() < self.warmup_mix:
+                yield repeated_chain(mixer)
+                continue
             defs, rng = self.generator.definitions(index)
             text, _ = layout(defs)
             spans = []
@@ -61,6 +93,8 @@ class LookupDataModule(L.LightningDataModule):
         pairs: ``(lo, hi)`` definitions per sequence.
         queries: answered queries per training sequence.
         val_size: validation problems.
+        warmup_mix: share of training sequences that are repeated random strings, the
+            induction warm-up (module docstring); 0 for lookup sequences only.
     """
 
     def __init__(
@@ -71,6 +105,7 @@ class LookupDataModule(L.LightningDataModule):
         pairs: tuple[int, int] = (20, 52),
         queries: int = 4,
         val_size: int = 256,
+        warmup_mix: float = 0.0,
     ) -> None:
         super().__init__()
         if seed == val_seed:
@@ -80,13 +115,17 @@ class LookupDataModule(L.LightningDataModule):
                 f"batch_size, queries and val_size must be >= 1, got {batch_size}, {queries}, "
                 f"{val_size}"
             )
+        if not 0.0 <= warmup_mix < 1.0:
+            raise ValueError(f"warmup_mix must be in [0, 1), got {warmup_mix}")
         self.save_hyperparameters()
         self.tokenizer = build_tokenizer(512)
         self.mix = {"lookup": 1.0}
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        stream = LookupStream(self.tokenizer, h.seed, tuple(h.pairs), h.queries)
+        stream = LookupStream(
+            self.tokenizer, h.seed, tuple(h.pairs), h.queries, warmup_mix=h.warmup_mix
+        )
         self._stream = stream
         pad = self.tokenizer.pad_token_id
         return DataLoader(stream, batch_size=h.batch_size, collate_fn=lambda r: collate(r, pad))
@@ -117,11 +156,14 @@ class LookupDataModule(L.LightningDataModule):
             "definition of a long context, the ground truth of context attribution "
             "(`tokattr bench --data.dataset lookup`)",
             training="Lightning, on CPU; each training sequence is one context of definitions "
-            "followed by several answered queries of distinct keys; loss on the answer digits "
-            "and the token that ends each answer only.",
+            "followed by answered queries of distinct keys (loss on the answer digit and the "
+            "token that ends each answer only), or, for a share of the batch "
+            "(`warmup_mix`), a random string of keys, digits and `;` followed by itself "
+            "(loss on the copy): the induction warm-up that gets the model past the "
+            "copy-any-value plateau (`tokattr.lightning.lookup_data`).",
             accuracy="Rows by the number of definitions in the prompt.",
             limits="Trained only on the generator's format: distinct one-letter keys, "
-            "two-digit values, `;` between definitions, the query a key alone at the end. "
+            "one-digit values, `;` between definitions, the query a key alone at the end. "
             "Anything else is out of distribution.",
         )
 

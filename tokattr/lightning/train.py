@@ -54,7 +54,7 @@ __all__ = [
 
 
 class ArithLM(L.LightningModule):
-    """A small ``LlamaForCausalLM`` trained on arithmetic with AdamW and a one-cycle schedule.
+    """A small ``LlamaForCausalLM`` trained with AdamW and a one-cycle or constant schedule.
 
     Args:
         hidden_size: model width.
@@ -62,9 +62,13 @@ class ArithLM(L.LightningModule):
         num_heads: attention heads (``hidden_size`` must divide by it).
         intermediate_size: MLP width.
         max_position_embeddings: context length (RoPE; also the tokenizer's max length).
-        lr: peak learning rate of the one-cycle schedule.
+        lr: peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_pct: fraction of steps spent warming up.
+        schedule: ``"one_cycle"`` (cosine warm-up to ``lr``, then annealing; ``arith-tiny``)
+            or ``"constant"`` (linear warm-up, then ``lr`` to the end: the lookup model,
+            whose induction circuit forms after a plateau whose length is not known ahead,
+            so a schedule that anneals on a fixed budget can end before it forms).
         init_from: continue from a model folder saved by an earlier stage (its architecture
             replaces the size arguments above; its tokenizer must match).
     """
@@ -80,8 +84,11 @@ class ArithLM(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_pct: float = 0.05,
         init_from: str | None = None,
+        schedule: str = "one_cycle",
     ) -> None:
         super().__init__()
+        if schedule not in ("one_cycle", "constant"):
+            raise ValueError(f"schedule must be 'one_cycle' or 'constant', got {schedule!r}")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}"
@@ -173,9 +180,16 @@ class ArithLM(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set trainer.max_steps: the training stream is endless")
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.hparams.lr, total_steps=int(total), pct_start=self.hparams.warmup_pct
-        )
+        if self.hparams.get("schedule", "one_cycle") == "constant":
+            warm = max(1, round(self.hparams.warmup_pct * total))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        else:
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt,
+                max_lr=self.hparams.lr,
+                total_steps=int(total),
+                pct_start=self.hparams.warmup_pct,
+            )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
