@@ -1,10 +1,11 @@
 """The ``tokattr`` command: one entry point, one sub-command per job, one module per
-command in this folder (``attribute``, ``bench``, ``heatmap``, ``eval_model``; ``train``'s
-LightningCLI lives with its module in :mod:`tokattr.lightning.train`), listed in
+command in this folder (``attribute``, ``bench``, ``dashboard``, ``heatmap``, ``eval_model``;
+``train``'s LightningCLI lives with its module in :mod:`tokattr.lightning.train`), listed in
 :data:`COMMANDS`.
 
-Every sub-command parses its own options (LightningCLI / jsonargparse), so each one has
-``--help``, ``--config FILE.yaml`` and ``--print_config``.
+Every sub-command but ``dashboard`` (plain argparse: two actions on a folder) parses its own
+options with LightningCLI / jsonargparse, so each has ``--help``, ``--config FILE.yaml`` and
+``--print_config``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _bench(argv: list[str]) -> int:
         return 1
 
 
+def _dashboard(argv: list[str]) -> int:
+    from tokattr.cli.dashboard import dashboard_command
+
+    return dashboard_command(argv)
+
+
 def _train(argv: list[str]) -> int:
     from tokattr.lightning.train import run_training
 
@@ -69,13 +76,17 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         _heatmap,
         "token x column heatmap (demonstrations or methods as columns): PNG + CSV",
     ),
+    "dashboard": (
+        _dashboard,
+        "the W&B workspace of a run: check its spec offline, push it to W&B",
+    ),
     "train": (
         _train,
-        "train the arithmetic reference model (LightningCLI: fit, export, model card)",
+        "train a bundled model (arith-tiny, lookup-tiny; LightningCLI: fit, export, card)",
     ),
     "eval-model": (
         _eval_model,
-        "greedy exact-match accuracy per arithmetic bucket",
+        "greedy exact-match accuracy per arithmetic bucket, or on lookups",
     ),
 }
 

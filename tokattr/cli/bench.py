@@ -96,9 +96,26 @@ class BenchCLI(LightningCLI):
             "--wandb",
             type=bool,
             default=True,
-            help="Log the finished run to W&B (WandbLogger; files under out_dir/wandb).",
+            help="Log to W&B (WandbLogger; files under out_dir/wandb): live progress from the "
+            "first batch, the charts and tables at the end; a resumed run continues the same "
+            "W&B run.",
         )
         parser.add_argument("--wandb_project", type=str, default="tokattr", help="The W&B project.")
+        parser.add_argument(
+            "--wandb_entity",
+            type=str | None,
+            default=None,
+            help="The W&B entity (user or team) of the run and of out_dir/wandb_dashboard.json.",
+        )
+        parser.add_argument(
+            "--wandb_group",
+            type=str | None,
+            default=None,
+            help="W&B group of the run (e.g. one per sweep or per node of a multi-node run).",
+        )
+        parser.add_argument(
+            "--wandb_tags", type=list[str] | None, default=None, help="W&B tags of the run."
+        )
         parser.add_argument(
             "--wandb_online",
             type=bool,
@@ -209,9 +226,16 @@ def make_cli(argv: list[str], state: dict[str, Any] | None = None) -> BenchCLI:
 def run_bench(argv: list[str]) -> int:
     """Entry point of ``tokattr bench``; returns a process exit code."""
     state: dict[str, Any] = {}
+    # The W&B run points WANDB_DIR / WANDB_DATA_DIR at out_dir while it runs (wandb_dirs).
+    saved_env = {k: os.environ.get(k) for k in ("WANDB_DIR", "WANDB_DATA_DIR")}
     try:
         return _run_bench(argv, state)
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if "lock" in state:
             state["lock"].release()
 
@@ -257,10 +281,29 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     module.done = done
     data.skip = finished_examples(done, examples, methods)
     todo = len(examples) - len(data.skip)
+    from tokattr.lightning.live import LiveProgress
+
+    live = LiveProgress(out_dir, total=len(examples) * len(methods))
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)] + [
         ResultWriter(out_dir),
+        live,
         ExamplesPerSecond(),
     ]
+    wandb_logger = None
+    if cfg.wandb and _is_rank_zero():
+        import json
+
+        from tokattr.lightning.wandb_log import make_logger
+
+        wandb_logger = make_logger(
+            out_dir, cfg.wandb_project, cfg.wandb_online, entity=cfg.wandb_entity,
+            group=cfg.wandb_group, tags=cfg.wandb_tags, new_run=bool(cfg.overwrite),
+        )  # fmt: skip
+        wandb_logger.log_hyperparams(
+            json.loads(cli.parser.dump(cfg, format="json", skip_none=False))
+        )
+        trainer.loggers = [*trainer.loggers, wandb_logger]
+        live.publish(trainer)  # the rows of an earlier run, if any: the W&B run exists now
     if _is_rank_zero():
         print(
             f"tokattr bench: {len(examples)} examples x {len(methods)} methods -> {out_dir}"
@@ -275,6 +318,7 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
         trainer.strategy.barrier("tokattr-merge")
     if not trainer.is_global_zero:
         return 0
+    live.publish(trainer)  # every rank's last batch
     ids = [e["example_id"] for e in examples]
     table = merge(out_dir, ids, methods, module.metric_params, cfg.n_bootstrap)
     print(table.to_markdown())
@@ -284,7 +328,7 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     errors = error_summary(rows)
     if errors:
         print("\n" + errors, file=sys.stderr)
-    _report_and_log(cli, out_dir)
+    _report_and_log(cli, out_dir, wandb_logger, list(live.metrics()))
     print(
         f"\n{len(examples)} examples x {len(methods)} methods in "
         f"{time.perf_counter() - start:.1f} s -> {out_dir}/attributions.jsonl, metrics.csv, "
@@ -297,21 +341,32 @@ def _rows_in_order(out_dir: Path) -> list[ResultRow]:
     return list(iter_rows(out_dir / "attributions.jsonl"))
 
 
-def _report_and_log(cli: BenchCLI, out_dir: Path) -> None:
-    """The HTML report and the W&B run of a complete run (rank 0)."""
+def _report_and_log(
+    cli: BenchCLI, out_dir: Path, logger: Any = None, live_keys: list[str] | None = None
+) -> None:
+    """The HTML report, the W&B run's charts and tables and its dashboard spec of a complete
+    run (rank 0)."""
     cfg = cli.config
     if cfg.report:
         from tokattr.report import write_report
 
         path = write_report(out_dir)
         print(f"report: {path}", file=sys.stderr)
-    if cfg.wandb:
-        import json
-
-        from tokattr.lightning.wandb_log import log_run, make_logger
+    if cfg.wandb and logger is not None:
+        from tokattr.lightning.dashboard import write_dashboard
+        from tokattr.lightning.wandb_log import log_run
         from tokattr.report import load_run
 
-        logger = make_logger(out_dir, cfg.wandb_project, cfg.wandb_online)
-        config = json.loads(cli.parser.dump(cfg, format="json", skip_none=False))
-        log_run(logger, load_run(out_dir), config)
+        run = load_run(out_dir)
+        logged = log_run(logger, run, finish=False)
+        path = write_dashboard(
+            out_dir,
+            run,
+            [*(live_keys or []), *logged.keys],
+            logged.charts,
+            entity=cfg.wandb_entity,
+            project=cfg.wandb_project,
+        )
+        logger.experiment.finish()
         print(f"W&B run (offline unless --wandb_online): {out_dir / 'wandb'}", file=sys.stderr)
+        print(f"W&B dashboard spec: {path} (tokattr dashboard push)", file=sys.stderr)
