@@ -18,7 +18,7 @@ Sections, top to bottom:
   (``heatmaps``), and the per-token scores.
 - **Agreement**: the method x method rank agreement (table and figure).
 - **Run comparison**: the runs side by side (differences only); the run list is grouped by
-  model and by config file, so runs of one model over several configs sit together.
+  model (``model.model`` of the config); ``--wandb_group`` groups the runs of one sweep.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def build_workspace(
         project=project,
         name=name,
         sections=[s for s in sections if s.panels],
-        runset_settings=ws.RunsetSettings(groupby=[ws.Config("model.model"), ws.Config("config")]),
+        runset_settings=ws.RunsetSettings(groupby=[ws.Config("model.model")]),
     )
 
 
