@@ -99,8 +99,11 @@ def test_the_offline_run_holds_every_figure_and_table(run_dir):
     assert table["columns"] == ["method", *METHODS] and len(table["data"]) == 3
     (heatmaps,) = _media(run, "table", "heatmaps")
     table = json.loads(heatmaps.read_text())
-    assert table["columns"] == ["example_id", "method", "answer", "top_feature", "top_label",
-                                "heatmap"]  # fmt: skip
+    assert table["columns"] == ["example_id", "bucket", "method", "answer", "top_feature",
+                                "top_label", "heatmap"]  # fmt: skip
+    with (run_dir / "attributions.jsonl").open() as f:
+        buckets = {json.loads(line)["bucket"] for line in f}
+    assert {row[1] for row in table["data"]} == buckets and None not in buckets
     assert len(table["data"]) == 4 * len(METHODS)  # one per example and method
     assert not _media(run, "images", "heatmaps")  # no images of several sizes under one key
     for key in ("erasure_curves", "agreement", "metrics_chart"):

@@ -52,6 +52,7 @@ class ResultRow:
     spans: list[list[int]] | None = None  # each feature's character span in the prompt
     token_features: list[int] | None = None  # the feature of each of ``tokens``, -1: context
     sources: list[int] | None = None  # the features the answer depends on, where known
+    bucket: str | None = None  # the data set's bucket of the example (e.g. "add"), where known
 
     @property
     def key(self) -> tuple[str, str]:

@@ -113,6 +113,7 @@ class PromptDataModule(pl.LightningDataModule):
                     "prompt": p.prompt,
                     "answer": p.answer,
                     "roles": getattr(p, "roles", None),
+                    "bucket": getattr(p, "bucket", None),
                     "where": w,
                     **self._features_of(p, w),
                 }

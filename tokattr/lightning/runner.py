@@ -205,6 +205,7 @@ class AttributionModule(pl.LightningModule):
                     spans=[list(s) for s in attr.spans] if grouped else None,
                     token_features=attr.token_features if grouped else None,
                     sources=e.get("sources"),
+                    bucket=e.get("bucket"),
                 )
             )
         return rows
@@ -220,6 +221,7 @@ class AttributionModule(pl.LightningModule):
             answer=text,
             answer_ids=None if text is answer else list(answer),
             error=str(err),
+            bucket=e.get("bucket"),
         )
 
 

@@ -266,13 +266,15 @@ def token_heatmap_image(tokens: Sequence[str], scores: Sequence[float], title: s
 
 
 def _examples_table(run: Run, max_examples: int) -> Any:
-    """One row per (example, method) of the first ``max_examples`` examples: the answer, the
-    top feature and its label, and the token heatmap (an image of one size for every row)."""
+    """One row per (example, method) of the first ``max_examples`` examples: the data set's
+    bucket, the answer, the top feature and its label, and the token heatmap (an image of one
+    size for every row)."""
     import wandb
 
     table = wandb.Table(
-        columns=["example_id", "method", "answer", "top_feature", "top_label", "heatmap"]
-    )
+        columns=["example_id", "bucket", "method", "answer", "top_feature", "top_label",
+                 "heatmap"]
+    )  # fmt: skip
     for e in run.example_ids[:max_examples]:
         for m in run.methods:
             row = run.row(e, m)
@@ -283,7 +285,7 @@ def _examples_table(run: Run, max_examples: int) -> Any:
             top = max(range(len(scores)), key=lambda i: abs(scores[i]))
             label = (row.labels or [None] * len(units))[top] if not row.features else None
             table.add_data(
-                e, m, row.answer, units[top], label,
+                e, row.bucket, m, row.answer, units[top], label,
                 token_heatmap_image(units, scores, f"{e} · {m}"),
             )  # fmt: skip
     return table
