@@ -223,7 +223,7 @@ def test_the_dashboard_reads_exactly_the_keys_the_run_logged(run_dir):
     key the ``.wandb`` file holds and no other (a renamed key fails here)."""
     from wandb_workspaces.workspaces import Workspace
 
-    from tokattr.lightning.dashboard import load_dashboard, panel_keys
+    from tokattr.lightning.dashboard import build_report, load_dashboard, panel_keys, report_keys
 
     workspace, spec = load_dashboard(run_dir)
     assert isinstance(workspace, Workspace)
@@ -232,6 +232,11 @@ def test_the_dashboard_reads_exactly_the_keys_the_run_logged(run_dir):
     logged = {k for k in rec["summary"] if not k.startswith("_") and k != "trainer/global_step"}
     assert panel_keys(workspace) == logged
     assert set(spec["keys"]) == logged
+    # The report push saves too, built offline from the same spec: the same keys.
+    report = build_report(spec, "me", "tokattr")
+    assert report_keys(report) == logged
+    assert [b.text for b in report.blocks if type(b).__name__ == "H2"][:2] == [
+        "Leaderboard", "Live progress"]  # fmt: skip
     # Round trip: the spec written again from the loaded workspace is the same spec.
     again = workspace._to_model().model_dump(mode="json", by_alias=True)
     assert again["spec"] == spec["view"]["spec"]

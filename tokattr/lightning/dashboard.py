@@ -3,7 +3,10 @@
 Every run writes its spec offline to ``out_dir/wandb_dashboard.json`` (no server call: the
 entity is whatever ``--wandb_entity`` gave, else a placeholder replaced at push time);
 ``tokattr dashboard push --entity E --project P [out_dir]`` saves it as a workspace of the
-project where a key and a network exist.
+project, and a report of the run (:func:`build_report`: the leaderboard, the curves, cost and
+examples, each a panel grid over the project's runs), where a key and a network exist. The
+report is rebuilt from the spec's keys at push time: ``wandb-workspaces`` cannot serialise a
+report's run set without a server.
 
 Sections, top to bottom:
 
@@ -126,19 +129,56 @@ def build_workspace(
     )
 
 
+def build_report(spec: Mapping[str, Any], entity: str, project: str) -> Any:
+    """A ``wandb-workspaces`` report of a run, from a dashboard spec (:func:`write_dashboard`):
+    the workspace's sections as panel grids over the runs of ``entity/project``, below a short
+    text on what each section shows. Built without a server call; ``save()`` needs one."""
+    import wandb_workspaces.reports.v2 as wr
+
+    workspace = build_workspace(spec["keys"], spec.get("methods") or [], spec.get("charts"),
+                                entity, project)  # fmt: skip
+    blocks: list[Any] = [
+        wr.P("Token attribution methods scored by tokattr (faithfulness metrics with 95% "
+             "bootstrap intervals; each chart says which way is better)."),
+    ]  # fmt: skip
+    for section in workspace.sections:
+        if section.name == "Run comparison":
+            continue
+        blocks += [
+            wr.H2(section.name),
+            wr.PanelGrid(panels=list(section.panels),
+                         runsets=[wr.Runset(entity=entity, project=project)]),
+        ]  # fmt: skip
+    return wr.Report(
+        entity=entity,
+        project=project,
+        title="tokattr benchmark",
+        description="Faithfulness of token attribution methods",
+        blocks=blocks,
+    )
+
+
+def report_keys(report: Any) -> set[str]:
+    """Every logged key a report's panels read."""
+    return _keys_read([p for b in report.blocks for p in (getattr(b, "panels", None) or [])])
+
+
 def panel_keys(workspace: Any) -> set[str]:
     """Every logged key a workspace's panels read (line and bar series, tables, media)."""
+    return _keys_read([p for section in workspace.sections for p in section.panels])
+
+
+def _keys_read(panels: Iterable[Any]) -> set[str]:
     keys: set[str] = set()
-    for section in workspace.sections:
-        for panel in section.panels:
-            for attr in ("y", "metrics", "media_keys"):
-                for item in getattr(panel, attr, None) or []:
-                    keys.add(item if isinstance(item, str) else getattr(item, "name", str(item)))
-            if getattr(panel, "table_name", None):
-                keys.add(panel.table_name)
-            query = getattr(panel, "query", None) or {}
-            if "summaryTable" in query:
-                keys.add(query["summaryTable"]["tableKey"])
+    for panel in panels:
+        for attr in ("y", "metrics", "media_keys"):
+            for item in getattr(panel, attr, None) or []:
+                keys.add(item if isinstance(item, str) else getattr(item, "name", str(item)))
+        if getattr(panel, "table_name", None):
+            keys.add(panel.table_name)
+        query = getattr(panel, "query", None) or {}
+        if "summaryTable" in query:
+            keys.add(query["summaryTable"]["tableKey"])
     return keys
 
 
@@ -159,6 +199,8 @@ def write_dashboard(
         "entity": entity,
         "project": project,
         "keys": keys,
+        "methods": list(run.methods),
+        "charts": {k: dict(v) for k, v in (charts or {}).items()},
         "view": workspace._to_model().model_dump(mode="json", by_alias=True),
     }
     path = Path(out_dir) / DASHBOARD_FILE
@@ -190,8 +232,9 @@ def load_dashboard(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise ValueError(f"{path}: wandb-workspaces refuses the spec: {e}") from e
 
 
-def push_dashboard(path: str | Path, entity: str, project: str) -> str:
-    """Save the spec at ``path`` as a workspace of ``entity/project``; returns its URL.
+def push_dashboard(path: str | Path, entity: str, project: str) -> tuple[str, str]:
+    """Save the spec at ``path`` as a workspace of ``entity/project``, and its report;
+    returns both URLs.
 
     Raises:
         RuntimeError: W&B is offline here (``WANDB_MODE=offline`` / ``disabled``) or no API
@@ -203,7 +246,7 @@ def push_dashboard(path: str | Path, entity: str, project: str) -> str:
 
     if not re.fullmatch(r"[\w.-]+", entity) or not re.fullmatch(r"[\w.-]+", project):
         raise ValueError(f"entity and project must be W&B names, got {entity!r}, {project!r}")
-    workspace, _ = load_dashboard(path)
+    workspace, spec = load_dashboard(path)
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "dryrun", "disabled"):
         raise RuntimeError(
@@ -214,6 +257,8 @@ def push_dashboard(path: str | Path, entity: str, project: str) -> str:
     workspace.entity, workspace.project = entity, project
     try:
         saved = workspace.save()
+        report = build_report(spec, entity, project)
+        report.save()
     except Exception as e:  # no network, a refused key, an unknown entity
-        raise RuntimeError(f"W&B did not save the workspace: {e}") from e
-    return saved.url
+        raise RuntimeError(f"W&B did not save the dashboard: {e}") from e
+    return saved.url, report.url
