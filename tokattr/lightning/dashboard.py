@@ -38,10 +38,6 @@ DASHBOARD_FILE = "wandb_dashboard.json"
 PLACEHOLDER_ENTITY = "<entity>"
 """The entity of a spec written without ``--wandb_entity``; ``push`` replaces it."""
 
-TABLES = ("metrics", "heatmaps", "token_scores", "cost", "erasure_curves_table",
-          "agreement_table")  # fmt: skip
-IMAGES = ("metrics_chart", "erasure_curves", "agreement")
-
 
 def build_workspace(
     keys: Iterable[str],
