@@ -255,8 +255,13 @@ def test_features_and_sources_reach_the_rows_and_the_report(tmp_path):
     # The lookup generator: each definition a feature, the queried one the source.
     out = tmp_path / "lookup"
     run = _run([*common, "--data.dataset", "lookup", "--data.pairs", "[3, 4]", "--data.n", "4",
+                "--data.length", "[30, 40]", "--data.filler", "[4, 8]",
                 "--out_dir", str(out)])  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     for r in _rows(out):
-        assert len(r["features"]) in (3, 4) and len(r["sources"]) == 1
-        assert all(f[0].isalpha() and f[1:].isdigit() for f in r["features"])
+        definitions = [f for f in r["features"] if f[0].isalpha() and f[1:].isdigit()]
+        filler = [f for f in r["features"] if f.isdigit()]
+        assert len(definitions) in (3, 4) and filler  # the filler passages are features too
+        assert len(definitions) + len(filler) == len(r["features"])
+        (src,) = r["sources"]
+        assert r["features"][src] in definitions

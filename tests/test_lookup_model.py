@@ -18,6 +18,8 @@ from tokattr.lightning.lookup_data import LookupDataModule, LookupStream, repeat
 from tokattr.lightning.train_data import IGNORE
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_DATA = {"pairs": (5, 7), "length": (100, 160), "filler": (40, 64)}
+"""The lookup data of ``configs/bench/lookup.yaml``."""
 FRESH_SEED = 7  # not a training, validation or model-card seed
 assert FRESH_SEED not in (*TRAIN_SEEDS, 2, 3, 2026)
 
@@ -32,7 +34,8 @@ def test_bundled_folder_and_card(lm):
     card = (lm.path / "README.md").read_text()
     assert "one-digit values" in card and "two-digit" not in card
     record = json.loads((lm.path / "training.json").read_text())
-    assert len(record["stages"]) == 2
+    assert len(record["stages"]) == 3
+    assert record["stages"][-1]["data"]["length"] == [100, 400]  # the last stage saw filler
     pooled = record["stages"][-1]["accuracy"]["lookup"]
     assert pooled >= LOOKUP_BAR
     assert f"{pooled:.1%}" in card  # the card shows what training.json records
@@ -40,15 +43,20 @@ def test_bundled_folder_and_card(lm):
 
 @pytest.mark.slow
 def test_accuracy_on_fresh_benchmark_prompts(lm):
-    """Greedy exact match >= 95% on the benchmark's range (20-52 definitions), a fresh seed."""
-    rows = {r.bucket: r for r in lookup_accuracy(lm, n=300, seed=FRESH_SEED, pairs=(20, 52))}
-    assert rows["lookup"].accuracy >= LOOKUP_BAR, {b: r.accuracy for b, r in rows.items()}
+    """Greedy exact match >= 95% on the generator's default range (20-52 definitions among
+    filler, 100-400 tokens), a fresh seed, and >= 90% in every length bin, the longest too."""
+    rows = {r.bucket: r for r in lookup_accuracy(lm, n=300, seed=FRESH_SEED)}
+    acc = {b: r.accuracy for b, r in rows.items()}
+    assert rows["lookup"].accuracy >= LOOKUP_BAR, acc
+    assert {"100-199 tokens", "200-299 tokens", "300-400 tokens"} <= set(rows), acc
+    assert all(r.accuracy >= 0.9 for b, r in rows.items() if b.endswith("tokens")), acc
 
 
 def test_answers_come_from_the_queried_key(lm):
     """Changing the queried definition's value changes the answer to it; changing another
-    definition's value does not (on prompts the model gets right)."""
-    gen = LookupGenerator(FRESH_SEED, (20, 52))
+    definition's value, or a filler passage's last digit, does not (on prompts the model gets
+    right)."""
+    gen = LookupGenerator(FRESH_SEED)
     problems = gen.take(24)
     answers = greedy_answers(lm, [p.prompt for p in problems], max_new_tokens=4)
     edited, expect = [], []
@@ -93,17 +101,21 @@ def _top_is_source(lm, method: str, problems, **params) -> float:
 def test_occlusion_finds_the_source(lm):
     """Removing the queried definition is what changes the answer: occlusion over
     definitions puts the source on top on >= 95% of fresh prompts."""
-    problems = LookupGenerator(FRESH_SEED, (20, 52)).take(60)
+    problems = LookupGenerator(FRESH_SEED).take(60)
+    assert min(len(p.prompt) for p in problems) >= 100
     assert _top_is_source(lm, "occlusion", problems) >= 0.95
 
 
 def test_exact_shapley_finds_the_source(lm):
-    """Exact Shapley over 6-10 definitions (at most 1,024 coalitions each) ranks the source
-    first on >= 95% of prompts; the random control sits near chance."""
-    problems = LookupGenerator(FRESH_SEED, (6, 10)).take(20)
-    assert _top_is_source(lm, "exact_shapley", problems) >= 0.95
+    """Exact Shapley over the parts of 100-160-token prompts (5-7 definitions among filler
+    passages, the bench config's data) ranks the source first on >= 95% of prompts; the
+    random control sits near chance."""
+    gen = LookupGenerator(FRESH_SEED, **BENCH_DATA)
+    problems = gen.take(20)
+    assert max(len(p.segments) for p in problems) <= 12  # at most 4,096 coalitions
+    assert _top_is_source(lm, "exact_shapley", problems, max_tokens=12) >= 0.95
     chance = sum(1 / len(p.segments) for p in problems) / len(problems)
-    many = LookupGenerator(FRESH_SEED + 1, (6, 10)).take(200)
+    many = LookupGenerator(FRESH_SEED + 1, **BENCH_DATA).take(200)
     assert abs(_top_is_source(lm, "random", many) - chance) < 0.06
 
 
@@ -173,8 +185,10 @@ def test_the_lookup_bench_config_names_every_method():
     cfg = yaml.safe_load((ROOT / "configs/bench/lookup.yaml").read_text())
     assert cfg["model"]["model"] == "lookup-tiny" and cfg["data"]["dataset"] == "lookup"
     assert set(cfg["model"]["methods"]) == set(METHODS)
-    hi = cfg["data"]["pairs"][1]
-    assert hi <= cfg["model"]["methods"]["exact_shapley"]["max_tokens"]
+    data = {k: tuple(cfg["data"][k]) for k in ("pairs", "length", "filler")}
+    assert data == BENCH_DATA
+    most = max(len(p.segments) for p in LookupGenerator(4242, **data).take(cfg["data"]["n"]))
+    assert most <= cfg["model"]["methods"]["exact_shapley"]["max_tokens"]
 
 
 @pytest.mark.slow
@@ -195,7 +209,7 @@ def test_the_lookup_bench_runs_and_finds_the_sources(tmp_path):
     rows = [json.loads(line) for line in (out / "attributions.jsonl").read_text().splitlines()]
     top1: dict[str, list[float]] = {}
     for r in rows:
-        assert 8 <= len(r["features"]) <= 12 and len(r["sources"]) == 1
+        assert 5 <= len(r["features"]) <= 12 and len(r["sources"]) == 1
         top1.setdefault(r["method"], []).append(r["metrics"]["plausibility_top1"])
     mean = {m: sum(v) / len(v) for m, v in top1.items()}
     assert len(top1["occlusion"]) == 24

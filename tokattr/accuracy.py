@@ -107,6 +107,8 @@ def bucket_accuracy(
 
 LOOKUP_BINS = ((8, 19), (20, 35), (36, 52))
 """Definitions per prompt of the lookup accuracy rows (besides all of them pooled)."""
+LOOKUP_LENGTH_BINS = ((1, 99), (100, 199), (200, 299), (300, 400))
+"""Prompt lengths in characters (tokens of the bundled tokenizer) of further rows."""
 
 
 def lookup_accuracy(
@@ -114,13 +116,16 @@ def lookup_accuracy(
     n: int = 500,
     seed: int = 2026,
     pairs: tuple[int, int] = (20, 52),
+    length: tuple[int, int] | None = (100, 400),
+    filler: tuple[int, int] = (8, 48),
     batch_size: int = 64,
 ) -> list[BucketAccuracy]:
     """Greedy exact match on ``n`` fresh lookup problems (:mod:`tokattr.data.lookup`):
-    ``lookup`` pooled, then one row per :data:`LOOKUP_BINS` bin of definitions per prompt."""
+    ``lookup`` pooled, then one row per :data:`LOOKUP_BINS` bin of definitions per prompt and
+    per :data:`LOOKUP_LENGTH_BINS` bin of prompt length (empty bins left out)."""
     from tokattr.data.lookup import LookupGenerator
 
-    problems = LookupGenerator(seed, pairs).take(n)
+    problems = LookupGenerator(seed, pairs, length, filler).take(n)
     got = greedy_answers(lm, [p.prompt for p in problems], max_new_tokens=4, batch_size=batch_size)
     ok = [g == p.answer for p, g in zip(problems, got, strict=True)]
 
@@ -130,9 +135,13 @@ def lookup_accuracy(
 
     rows = [row("lookup", list(range(n)))]
     for lo, hi in LOOKUP_BINS:
-        keep = [i for i, p in enumerate(problems) if lo <= len(p.segments) <= hi]
+        keep = [i for i, p in enumerate(problems) if lo <= len(p.definitions) <= hi]
         if keep:
             rows.append(row(f"{lo}-{hi} definitions", keep))
+    for lo, hi in LOOKUP_LENGTH_BINS:
+        keep = [i for i, p in enumerate(problems) if lo <= len(p.prompt) <= hi]
+        if keep:
+            rows.append(row(f"{lo}-{hi} tokens", keep))
     return rows
 
 

@@ -26,8 +26,9 @@ def eval_model(
         buckets: which buckets (default: all, plus "demonstrations").
         batch_size: prompts per generate call.
         device: "cpu", "cuda", "cuda:1", ... (default: CPU).
-        dataset: "arithmetic", "lookup" (n_per_bucket problems of as many definitions as the
-            model's last training stage saw, else 20-52, binned by length), or "auto"
+        dataset: "arithmetic", "lookup" (n_per_bucket problems of as many definitions and
+            characters as the model's last training stage saw, else the generator's defaults,
+            binned by definitions and by length), or "auto"
             (default): what the model was trained on, where its training record says
             (lookup-tiny: lookup), else arithmetic.
     """
@@ -57,8 +58,19 @@ def eval_model(
     if dataset == "lookup":
         from tokattr.accuracy import lookup_accuracy
 
-        pairs = tuple(stages[-1]["data"].get("pairs", (20, 52))) if stages else (20, 52)
-        rows = lookup_accuracy(lm, n_per_bucket, seed, pairs, batch_size=min(batch_size, 64))
+        last = stages[-1]["data"] if stages else {}
+        pairs = tuple(last.get("pairs", (20, 52)))
+        length = last.get("length", (100, 400))
+        filler = tuple(last.get("filler", (8, 48)))
+        rows = lookup_accuracy(
+            lm,
+            n_per_bucket,
+            seed,
+            pairs,
+            None if length is None else tuple(length),
+            filler,
+            batch_size=min(batch_size, 64),
+        )
     else:
         rows = bucket_accuracy(lm, n_per_bucket, seed, buckets, batch_size)
     table = Table(title=f"{model}: greedy exact match (seed {seed})")

@@ -148,6 +148,9 @@ Data mix (weights of the query buckets):
             if "max_len" in d
             else f"sequences of {d.get('pairs')} definitions and {d.get('queries')} queries"
         )
+        if d.get("length"):
+            (lo, hi), (f_lo, f_hi) = d["length"], d["filler"]
+            shape += f" among passages of {f_lo}-{f_hi} digits ({lo}-{hi} tokens)"
         if d.get("warmup_mix"):
             shape += f", {d['warmup_mix']:.0%} of them repeated random strings"
         if sm.get("schedule", "one_cycle") == "constant":

@@ -24,7 +24,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from tokattr.data.lookup import KEYS, QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator, layout
+from tokattr.data.lookup import KEYS, QUERY, SEPARATOR, TRAIN_SEEDS, LookupGenerator
 from tokattr.data.tokenizer import build_tokenizer
 from tokattr.lightning.train_data import Chain, ChainDataset, collate, encode_chain
 
@@ -54,11 +54,13 @@ class LookupStream(ChainDataset):
         pairs: tuple[int, int],
         queries: int,
         warmup_mix: float = 0.0,
+        length: tuple[int, int] | None = None,
+        filler: tuple[int, int] = (8, 48),
     ) -> None:
         if not 0.0 <= warmup_mix < 1.0:
             raise ValueError(f"warmup_mix must be in [0, 1), got {warmup_mix}")
         self.tokenizer = tokenizer
-        self.generator = LookupGenerator(seed, pairs)
+        self.generator = LookupGenerator(seed, pairs, length, filler)
         self.queries = queries
         self.warmup_mix = warmup_mix
         self.seed = seed
@@ -72,7 +74,7 @@ class LookupStream(ChainDataset):
                 yield repeated_chain(mixer)
                 continue
             defs, rng = self.generator.definitions(index)
-            text, _ = layout(defs)
+            text = self.generator.context(defs, rng).text
             spans = []
             for key, value in rng.sample(defs, min(self.queries, len(defs))):
                 text += f"{SEPARATOR}{key}{QUERY}"
@@ -95,6 +97,10 @@ class LookupDataModule(L.LightningDataModule):
         val_size: validation problems.
         warmup_mix: share of training sequences that are repeated random strings, the
             induction warm-up (module docstring); 0 for lookup sequences only.
+        length: ``(lo, hi)`` characters of each context (before its queries), filled up with
+            digit passages (:class:`tokattr.data.LookupGenerator`); ``None``: definitions
+            only. Validation prompts have the same lengths, the query included.
+        filler: ``(lo, hi)`` digits per filler passage.
     """
 
     def __init__(
@@ -106,6 +112,8 @@ class LookupDataModule(L.LightningDataModule):
         queries: int = 4,
         val_size: int = 256,
         warmup_mix: float = 0.0,
+        length: tuple[int, int] | None = None,
+        filler: tuple[int, int] = (8, 48),
     ) -> None:
         super().__init__()
         if seed == val_seed:
@@ -117,6 +125,7 @@ class LookupDataModule(L.LightningDataModule):
             )
         if not 0.0 <= warmup_mix < 1.0:
             raise ValueError(f"warmup_mix must be in [0, 1), got {warmup_mix}")
+        LookupGenerator(val_seed, tuple(pairs), length, tuple(filler))  # checks them now
         self.save_hyperparameters()
         self.tokenizer = build_tokenizer(512)
         self.mix = {"lookup": 1.0}
@@ -124,7 +133,13 @@ class LookupDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         stream = LookupStream(
-            self.tokenizer, h.seed, tuple(h.pairs), h.queries, warmup_mix=h.warmup_mix
+            self.tokenizer,
+            h.seed,
+            tuple(h.pairs),
+            h.queries,
+            warmup_mix=h.warmup_mix,
+            length=self._length,
+            filler=tuple(h.filler),
         )
         self._stream = stream
         pad = self.tokenizer.pad_token_id
@@ -136,6 +151,11 @@ class LookupDataModule(L.LightningDataModule):
         stream = getattr(self, "_stream", None)
         return stream.next_index if stream is not None else 0
 
+    @property
+    def _length(self) -> tuple[int, int] | None:
+        length = self.hparams.length
+        return None if length is None else (int(length[0]), int(length[1]))
+
     def val_buckets(self) -> list[str]:
         return ["lookup"]
 
@@ -143,7 +163,8 @@ class LookupDataModule(L.LightningDataModule):
         """The model card's accuracy rows: greedy exact match on fresh lookup problems."""
         from tokattr.accuracy import lookup_accuracy
 
-        return lookup_accuracy(lm, n, seed, tuple(self.hparams.pairs))  # type: ignore[arg-type]
+        h = self.hparams
+        return lookup_accuracy(lm, n, seed, tuple(h.pairs), self._length, tuple(h.filler))  # type: ignore[arg-type]
 
     def card_text(self) -> object:
         """What the model card says of this data set."""
@@ -161,15 +182,18 @@ class LookupDataModule(L.LightningDataModule):
             "(`warmup_mix`), a random string of keys, digits and `;` followed by itself "
             "(loss on the copy): the induction warm-up that gets the model past the "
             "copy-any-value plateau (`tokattr.lightning.lookup_data`).",
-            accuracy="Rows by the number of definitions in the prompt.",
+            accuracy="Rows by the number of definitions in the prompt, then by its length in "
+            "tokens.",
             limits="Trained only on the generator's format: distinct one-letter keys, "
-            "one-digit values, `;` between definitions, the query a key alone at the end. "
-            "Anything else is out of distribution.",
+            "one-digit values, passages of digits as filler, `;` between parts, the query a "
+            "key alone at the end, prompts of at most 400 tokens. Anything else is out of "
+            "distribution.",
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         pad = self.tokenizer.pad_token_id
-        gen = LookupGenerator(self.hparams.val_seed, tuple(self.hparams.pairs))
+        h = self.hparams
+        gen = LookupGenerator(h.val_seed, tuple(h.pairs), self._length, tuple(h.filler))
         rows = []
         for p in gen.take(self.hparams.val_size):
             span = (len(p.prompt), len(p.prompt) + len(p.answer))

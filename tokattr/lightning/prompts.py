@@ -35,6 +35,10 @@ class PromptDataModule(pl.LightningDataModule):
             ``"sentence"``, ``"line"`` or ``"separator:<s>"``; ``None`` (default): each
             example's own (a JSONL line's ``features``, the lookup's definitions), else tokens.
         pairs: ``[lo, hi]`` definitions per lookup prompt.
+        length: ``[lo, hi]`` characters (tokens of the bundled tokenizer) per lookup prompt,
+            filled up with passages of digits that are features too but never sources;
+            ``null`` for the definitions alone.
+        filler: ``[lo, hi]`` digits per filler passage of a lookup prompt.
         seed: the generator's seed (use one not used in training; the bundled model was
             trained on seeds 0 and 1).
         n: problems drawn from the generator.
@@ -56,6 +60,8 @@ class PromptDataModule(pl.LightningDataModule):
         dataset: str = "arithmetic",
         features: str | None = None,
         pairs: tuple[int, int] = (20, 52),
+        length: tuple[int, int] | None = (100, 400),
+        filler: tuple[int, int] = (8, 48),
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -63,6 +69,10 @@ class PromptDataModule(pl.LightningDataModule):
         if features is not None:
             feature_spans("x", features)  # an unknown granularity fails here
         self.dataset, self.features, self.pairs = dataset, features, tuple(pairs)
+        self.length = None if length is None else (int(length[0]), int(length[1]))
+        self.filler = (int(filler[0]), int(filler[1]))
+        if dataset == "lookup":
+            LookupGenerator(seed, self.pairs, self.length, self.filler)  # checks them now
         if n < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
             raise ValueError(
                 f"data: n, batch_size and max_examples must be >= 1, got n={n}, "
@@ -88,7 +98,7 @@ class PromptDataModule(pl.LightningDataModule):
                     raise FileNotFoundError(f"data.jsonl: no such file: {self.jsonl}")
                 problems = read_jsonl(self.jsonl)
             elif self.dataset == "lookup":
-                lookup = LookupGenerator(seed=self.seed, pairs=self.pairs)  # type: ignore[arg-type]
+                lookup = LookupGenerator(self.seed, self.pairs, self.length, self.filler)  # type: ignore[arg-type]
                 problems = [lookup.problem(i) for i in range(self.n)]
             else:
                 gen = ArithmeticGenerator(
