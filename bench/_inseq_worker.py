@@ -9,8 +9,22 @@ loads the model folder with ``AutoModelForCausalLM`` / ``AutoTokenizer``, runs o
 warm-up attribution on the first prompt, then times
 ``inseq.load_model(model, method, tokenizer=tok).attribute([prompt],
 generated_texts=[prompt + answer], show_progress=False, **attribute_args)`` per prompt, and
-prints one JSON line: ``{"status", "seconds": [per prompt], "peak_rss_bytes",
+prints one JSON line: ``{"status", "seconds": [per prompt], "peak_bytes",
 "inseq_version", "torch", "transformers"}`` (or ``{"status": "error", "reason"}``).
+
+Two adapters let Inseq 0.7.1 (written for transformers 4) run ``attention`` and
+``value_zeroing`` under transformers 5; neither changes the weights or what Inseq computes:
+
+- ``attention``: the model is loaded with ``attn_implementation="eager"``. transformers 5
+  defaults to SDPA, which returns no attention weights, so Inseq's
+  ``torch.stack(output.attentions)`` failed on an empty list. Eager and SDPA compute the same
+  softmax attention (tokattr's ``attention`` switches to eager for the same reason).
+- ``value_zeroing``: transformers 5 decoder layers return the hidden-state tensor, not a
+  tuple; Inseq's hook that stores a layer's (value-zeroed) output and passes the clean output
+  on indexes ``output[0]`` and rebuilds a tuple (``Tensor + tuple`` failed).
+  :func:`_adapt_value_zeroing` wraps that hook: for a tensor output it does the same thing
+  (store ``output`` as the corrupted state, return the clean state in its place); tuple
+  outputs still go to Inseq's own hook.
 """
 
 from __future__ import annotations
@@ -40,6 +54,31 @@ def _rss() -> tuple[int | None, int | None]:
     )
 
 
+def _adapt_value_zeroing() -> None:
+    """Make Inseq's value-zeroing block hook accept decoder layers that return a tensor
+    (transformers 5) as well as a tuple (transformers 4); same states stored and patched."""
+    import torch
+    from inseq.attr.feat.ops.value_zeroing import ValueZeroing
+
+    original = ValueZeroing.get_states_extract_and_patch_hook
+    if getattr(original, "_tokattr_adapted", False):
+        return
+
+    def get_hook(self: Any, block_idx: int, hidden_state_idx: int = 0) -> Any:
+        tuple_hook = original(self, block_idx, hidden_state_idx)
+
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                return tuple_hook(module, args, output)
+            self.corrupted_block_output_states[block_idx] = output.clone().float().detach().cpu()
+            return self.clean_block_output_states[block_idx].to(output.device)
+
+        return hook
+
+    get_hook._tokattr_adapted = True  # type: ignore[attr-defined]
+    ValueZeroing.get_states_extract_and_patch_hook = get_hook
+
+
 def main() -> dict[str, Any]:
     """Run the request from stdin; the answer as a dict."""
     req = json.loads(sys.stdin.read())
@@ -52,7 +91,12 @@ def main() -> dict[str, Any]:
 
     dtype = torch.bfloat16 if req["dtype"] == "bf16" else torch.float32
     tok = AutoTokenizer.from_pretrained(req["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(req["model_path"], dtype=dtype)
+    load_kwargs: dict[str, Any] = {}
+    if req["method"] == "attention":
+        load_kwargs["attn_implementation"] = "eager"  # SDPA returns no attention weights
+    if req["method"] == "value_zeroing":
+        _adapt_value_zeroing()
+    model = AutoModelForCausalLM.from_pretrained(req["model_path"], dtype=dtype, **load_kwargs)
     model = model.to(req["device"]).eval()
     attr_model = inseq.load_model(model, req["method"], tokenizer=tok)
     args = dict(req.get("attribute_args") or {})

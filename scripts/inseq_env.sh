@@ -2,7 +2,10 @@
 # Build the separate virtual environment bench/ runs Inseq in (.venv-inseq): Inseq 0.7.1 pins an
 # old typeguard and, on Linux, CUDA 11 wheels that tokattr's environment must not get, so it
 # lives apart. Its dependencies are installed by hand (no CUDA wheels); the bench finds it at
-# .venv-inseq/bin/python (or $TOKATTR_BENCH_INSEQ_PYTHON).
+# .venv-inseq/bin/python (or $TOKATTR_BENCH_INSEQ_PYTHON). Tested with transformers 5.25.0:
+# Inseq 0.7.1 predates transformers 5, so bench/_inseq_worker.py loads the model with eager
+# attention for `attention` and adapts one value-zeroing hook (bench/results/inseq-attention.md);
+# a transformers 4 env cannot load the model folders, which transformers 5 saved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-inseq}
