@@ -40,7 +40,16 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (with a ``device_map``, the first
+        device of the split model; its hooks move activations between the parts)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def split(self) -> bool:
+        """Whether the model was loaded with a ``device_map`` over several devices (or with
+        parts offloaded to disk): :mod:`accelerate` hooks move activations between parts."""
+        devices = set(getattr(self.model, "hf_device_map", {}).values())
+        return len(devices) > 1 or bool(devices & {"disk", "meta"})
 
     @property
     def max_length(self) -> int:
@@ -229,29 +238,49 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a causal LM and its tokenizer.
+
+    A model larger than one device is split in one process with ``device_map`` (Hugging Face
+    Accelerate's big-model inference): layers are placed on the GPUs in order, then on the
+    CPU, then on disk (``offload_folder``), and hooks move activations, and gradients on the
+    way back, between them. Every method runs on a split model; gradient methods pay the
+    transfers, perturbation methods the disk reads of offloaded layers on every pass.
 
     Args:
         name_or_path: ``"arith-tiny"`` (the bundled arithmetic model), a local folder saved with
             ``save_pretrained``, or a Hugging Face hub id (needs a reachable hub or a cached copy).
-        device: where to put the model (default: CPU).
+        device: where to put the model (default: CPU). Not with ``device_map``.
         dtype: ``torch.float32`` (default), ``"bfloat16"``, ``"float16"``, …
         trust_remote_code: allow the model's own code from the hub; off unless asked for.
+        device_map: ``"auto"`` (fill the devices in order within ``max_memory``),
+            ``"balanced"``, ``"sequential"``, or module name -> device (``0``, ``"cuda:1"``,
+            ``"cpu"``, ``"disk"``), as ``from_pretrained`` takes it. Needs ``accelerate``.
+        max_memory: device -> the most memory for weights there, e.g.
+            ``{0: "20GiB", "cpu": "60GiB"}``; what does not fit goes to disk.
+        offload_folder: where disk-offloaded weights go (default: a temporary folder, removed
+            when the process ends).
 
     Raises:
         ModelNotFoundError: a missing folder, or a hub id with no hub reachable (``HF_HUB_OFFLINE``
             set, or no network) and no cached copy.
+        ValueError: ``device`` with ``device_map``, or ``max_memory`` / ``offload_folder``
+            without it.
+        ImportError: ``device_map`` without ``accelerate`` installed.
     """
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype) or torch.float32
+    split = _split_kwargs(device, device_map, max_memory, offload_folder)
     source, path, kwargs = _source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, **kwargs
         )
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs, **split
         )
     except OSError as e:
         if path is not None:
@@ -272,7 +301,44 @@ def load_model(
     model.eval()
     if device is not None:
         model.to(device)
+    if split and model.get_input_embeddings().weight.device.type == "meta":
+        raise ValueError(
+            "device_map put the input embeddings on disk; give the first device room for "
+            "them (max_memory) or place 'model.embed_tokens' on a device"
+        )
     return LanguageModel(model=model, tokenizer=tokenizer, name=name, path=path)
+
+
+def _split_kwargs(
+    device: torch.device | str | None,
+    device_map: str | dict[str, int | str] | None,
+    max_memory: dict[int | str, int | str] | None,
+    offload_folder: str | os.PathLike | None,
+) -> dict[str, object]:
+    """``from_pretrained``'s big-model arguments, checked before anything loads."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder apply only with a device_map")
+        return {}
+    if device is not None:
+        raise ValueError(
+            f"give device ({device}) or device_map, not both: a device_map places the model"
+        )
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise ImportError("device_map needs the accelerate package: pip install accelerate") from e
+    if offload_folder is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        offload_folder = tempfile.mkdtemp(prefix="tokattr-offload-")
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    out: dict[str, object] = {"device_map": device_map, "offload_folder": str(offload_folder)}
+    if max_memory is not None:
+        out["max_memory"] = dict(max_memory)
+    return out
 
 
 def reinitialised(lm: LanguageModel, seed: int = 0) -> LanguageModel:
@@ -285,6 +351,12 @@ def reinitialised(lm: LanguageModel, seed: int = 0) -> LanguageModel:
         ValueError: the re-initialised weights equal the model's (a model that was itself
             built from its config with this seed): every method would pass the check.
     """
+    if lm.split:
+        raise ValueError(
+            "the randomisation check needs a second, re-initialised copy of the model on one "
+            "device; a model split by device_map has no such device (leave "
+            "randomization_spearman out of the metrics)"
+        )
     ref = lm.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -138,6 +138,8 @@ class BenchCLI(LightningCLI):
         if cfg.max_examples is not None:
             cfg.data.max_examples = cfg.max_examples
         _check_devices(cfg.trainer)
+        _check_device_map(cfg)
+        _check_sharding(cfg)
         check_bench_target(cfg.model.target_fn)
         self._cheap_checks(cfg)
 
@@ -166,6 +168,44 @@ class BenchCLI(LightningCLI):
 def _example_key(e: dict[str, Any]) -> list[Any]:
     key = [e["example_id"], e["prompt"], e["answer"]]
     return [*key, e["features"]] if "features" in e else key
+
+
+def _strategy_name(cfg: Any) -> str:
+    strategy = cfg.trainer.strategy
+    name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", strategy))
+    return name.rsplit(".", 1)[-1]
+
+
+def _check_sharding(cfg: Any) -> None:
+    """FSDP2 (``ModelParallelStrategy``): what cannot run sharded, refused before any work."""
+    if _strategy_name(cfg) not in ("ModelParallelStrategy", "model_parallel"):
+        return
+    if cfg.model.device_map is not None:
+        raise ValueError("--model.device_map and a sharded strategy exclude each other")
+    from tokattr.evaluation import needs_random_model
+
+    if needs_random_model(cfg.model.metrics or ["randomization_spearman"]):
+        raise ValueError(
+            "randomization_spearman needs a second, unsharded model on every rank; leave it out "
+            "of --model.metrics when the model is sharded"
+        )
+
+
+def _check_device_map(cfg: Any) -> None:
+    """A ``device_map`` splits the model inside one process: refuse more processes, and a
+    strategy that would shard or replicate it, before the model loads."""
+    if cfg.model.device_map is None:
+        return
+    devices = cfg.trainer.devices
+    if str(devices).strip() != "1" or int(cfg.trainer.num_nodes or 1) > 1:
+        raise ValueError(
+            f"--model.device_map splits the model inside one process; --trainer.devices "
+            f"{devices} would start several. Use --trainer.devices 1, or "
+            "configs/bench/fsdp.yaml to shard the model over processes"
+        )
+    name = _strategy_name(cfg)
+    if name not in ("auto", "single_device", "SingleDeviceStrategy"):
+        raise ValueError(f"--model.device_map runs under one process, not strategy {name!r}")
 
 
 def _check_devices(trainer_cfg: Any) -> None:
@@ -313,6 +353,7 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     start = time.perf_counter()
     if todo:
         trainer.predict(module, datamodule=data, return_predictions=False)
+        module.finish_passes()  # a sharded model: ranks with fewer batches (or none) too
         # Every rank's rows are flushed and synced per batch: once all ranks are here, the
         # part files are complete.
         trainer.strategy.barrier("tokattr-merge")

@@ -14,6 +14,7 @@ process and N processes give the same numbers.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,13 @@ class AttributionModule(pl.LightningModule):
             most this many tokens; longer prompts get no value (and exact_shapley an error row).
         randomization_seed: seed of the re-initialised model of ``randomization_spearman``.
         dtype: the model's dtype (``float32``, ``bfloat16``, …); ``None``: as saved.
+        device_map: split the model over this process's devices (and CPU, and disk) with
+            Accelerate (:func:`tokattr.load_model`): ``"auto"`` or module -> device. The model
+            then stays where the map put it (Lightning does not move it), so the run has one
+            process (``trainer.devices: 1``). ``None``: the whole model on the trainer's device.
+        max_memory: with ``device_map``, device -> the most memory for weights there, e.g.
+            ``{0: "10GiB", "cpu": "30GiB"}``.
+        offload_folder: with ``device_map``, where the weights offloaded to disk go.
     """
 
     def __init__(
@@ -73,6 +81,9 @@ class AttributionModule(pl.LightningModule):
         shapley_max_tokens: int = 16,
         randomization_seed: int = 0,
         dtype: str | None = None,
+        device_map: str | dict[str, int | str] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | None = None,
     ) -> None:
         super().__init__()
         self.methods = method_specs({m: {} for m in METHODS} if methods is None else methods)
@@ -83,9 +94,19 @@ class AttributionModule(pl.LightningModule):
         self.baseline, self.target_fn = baseline, target_fn
         self.forward_batch_size = forward_batch_size
         self.shapley_max_tokens, self.randomization_seed = shapley_max_tokens, randomization_seed
-        self.lm = load_model(model, dtype=dtype)
+        if device_map is not None and needs_random_model(self.metric_names):
+            raise ValueError(
+                "randomization_spearman needs a re-initialised copy of the model on one device; "
+                "leave it out of the metrics with a device_map"
+            )
+        self.lm = load_model(
+            model, dtype=dtype, device_map=device_map, max_memory=max_memory,
+            offload_folder=offload_folder,
+        )  # fmt: skip
         self.model_name = model
-        self.net = self.lm.model  # a submodule, so that Lightning moves it to the device
+        if device_map is None:
+            self.net = self.lm.model  # a submodule, so that Lightning moves it to the device
+        # else: not a submodule, so no strategy moves the model off the devices of its map
         self.random_lm = (
             reinitialised(self.lm, randomization_seed)
             if needs_random_model(self.metric_names)
@@ -93,9 +114,60 @@ class AttributionModule(pl.LightningModule):
         )
         self.random_net = None if self.random_lm is None else self.random_lm.model
         self.done: set[tuple[str, str]] = set()  # (example_id, method) pairs already on disk
+        self._lockstep: Any = None  # set when the model is sharded (configure_model)
+        self._lockstep_on = self._drained = False
         # A rank may have no batch left (fewer batches than ranks, or a resume): it runs none
         # and waits at the merge barrier, where Lightning would otherwise stop it.
         self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``configs/bench/fsdp.yaml``): shard the decoder
+        layers over the data-parallel group with FSDP2 (:mod:`tokattr.lightning.sharding`)."""
+        mesh = self.device_mesh
+        if mesh is None or self._lockstep is not None:
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 is not supported: attribution runs FSDP2 over the "
+                "data-parallel group only (set tensor_parallel_size: 1)"
+            )
+        from tokattr.lightning.sharding import Lockstep, shard_layers
+
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        n = shard_layers(self.lm.model, dp)
+        self._lockstep = Lockstep(self.lm.model, group=dp.get_group())
+        print(
+            f"rank {self.global_rank}: {n} decoder layers sharded over {dp.size()} ranks (FSDP2)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_predict_start(self) -> None:
+        if self._lockstep is not None:
+            self._lockstep.__enter__()
+            self._lockstep_on = True
+
+    def on_predict_end(self) -> None:
+        self.finish_passes()
+
+    def finish_passes(self) -> None:
+        """A sharded model: run the other ranks' remaining passes beside them until every rank
+        is done, once per run (every rank calls it, also one that had no batch, for which
+        Lightning calls no predict hook): each drain ends on a round all ranks share."""
+        ls = self._lockstep
+        if ls is None or self._drained:
+            return
+        ls.drain()
+        self._drained = True
+        if self._lockstep_on:
+            ls.__exit__(None, None, None)
+            self._lockstep_on = False
+        print(
+            f"rank {self.global_rank}: {ls.passes} forward passes of its own, "
+            f"{ls.dummies} run in step with other ranks",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[ResultRow]:
         rows: list[ResultRow] = []

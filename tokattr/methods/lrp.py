@@ -214,7 +214,10 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp") -> Iterator[None]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown LRP variant {variant!r}; choose from {VARIANTS}")
     layers = check_family(model)
-    patched: list[tuple[nn.Module, object]] = []  # (module, its own instance forward or None)
+    # (module, attribute, its own instance value or None). Under an Accelerate hook
+    # (device_map, offloading) the hook's wrapper stays `forward` and calls `_old_forward`,
+    # so the rule goes there: the hook still brings the offloaded weights in first.
+    patched: list[tuple[nn.Module, str, object]] = []
     handles = []
     try:
         for m in model.modules():
@@ -228,8 +231,9 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp") -> Iterator[None]:
             else:
                 rule = _mlp_rule(m, variant)
             if rule is not None:
-                patched.append((m, vars(m).get("forward")))
-                m.forward = types.MethodType(rule, m)  # type: ignore[method-assign]
+                slot = "_old_forward" if "_hf_hook" in vars(m) else "forward"
+                patched.append((m, slot, vars(m).get(slot)))
+                setattr(m, slot, types.MethodType(rule, m))
         for layer in layers:
             for proj, hook in _qkv_hooks(layer, model, variant):
                 handles.append(proj.register_forward_hook(hook))
@@ -237,9 +241,9 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp") -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-        for m, own in reversed(patched):
+        for m, slot, own in reversed(patched):
             if own is None:
-                del m.forward
+                delattr(m, slot)
             else:
-                m.forward = own  # type: ignore[method-assign]
+                setattr(m, slot, own)
             vars(m).pop("_tokattr_offset", None)
