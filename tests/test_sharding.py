@@ -15,10 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOKATTR = [sys.executable, "-m", "tokattr.cli"]
 METHODS = {
-    "integrated_gradients": {"n_steps": 8},
-    "occlusion": {},
-    "kernel_shap": {"n_samples": 16},
-}
+    "integrated_gradients": {"n_steps": 8}, "saliency": {}, "input_x_gradient": {},
+    "occlusion": {}, "exact_shapley": {}, "kernel_shap": {"n_samples": 16},
+    "shapley_sampling": {"n_samples": 2}, "context_cite": {"n_ablations": 16},
+    "lime": {"n_samples": 16}, "gradient_shap": {"n_samples": 4}, "smoothgrad": {"n_samples": 4},
+    "vargrad": {"n_samples": 4}, "attention": {}, "attention_rollout": {}, "value_zeroing": {},
+    "attnlrp": {}, "cp_lrp": {}, "random": {},
+}  # fmt: skip
+ACCEPTANCE = {"integrated_gradients", "occlusion", "kernel_shap"}
+"""Held to 1e-5 of the largest score; the others to 5e-5 (one process of 2 threads against two
+of 1 thread each add matmul rounding in a different order)."""
 
 
 def _bench(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -26,7 +32,7 @@ def _bench(out: Path, *extra: str) -> subprocess.CompletedProcess:
         *TOKATTR, "bench", "--config", str(ROOT / "configs/bench/fsdp.yaml"),
         "--out_dir", str(out), "--wandb", "false", "--model.methods", json.dumps(METHODS),
         "--model.metrics", json.dumps(["comprehensiveness", "sufficiency"]),
-        "--data.n", "7", "--data.batch_size", "3", *extra,
+        "--data.n", "7", "--data.batch_size", "3", "--data.mix", json.dumps({"add": 1}), *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -42,8 +48,9 @@ def _rows(out: Path) -> dict[tuple[str, str], dict]:
 
 @pytest.mark.ddp
 def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
-    """7 examples in batches of 3, 3, 1: rank 0 gets two batches, rank 1 one; their methods run
-    different numbers of passes; the lockstep keeps the all-gathers matched."""
+    """Every method; 7 examples in batches of 3, 3, 1: rank 0 gets two batches, rank 1 one,
+    and their methods run different numbers of passes; the lockstep keeps the all-gathers
+    matched."""
     sharded = _bench(tmp_path / "fsdp")
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     log = sharded.stdout + sharded.stderr
@@ -55,10 +62,13 @@ def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "fsdp")
     assert a.keys() == b.keys() and len(a) == 7 * len(METHODS)
     parts = sorted((tmp_path / "fsdp" / "parts").glob("rank*.jsonl"))
-    assert [len(p.read_text().splitlines()) for p in parts] == [4 * 3, 3 * 3]  # 3+1 and 3
+    n = len(METHODS)
+    assert [len(p.read_text().splitlines()) for p in parts] == [4 * n, 3 * n]  # 3+1 and 3
     for k, r in a.items():
+        assert "error" not in r and "error" not in b[k], (k, b[k].get("error"))
         x, y = torch.tensor(r["scores"]), torch.tensor(b[k]["scores"])
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+        tol = 1e-5 if k[1] in ACCEPTANCE else 5e-5
+        torch.testing.assert_close(y, x, rtol=tol, atol=tol * float(x.abs().max()))
         for m, v in r["metrics"].items():
             assert b[k]["metrics"][m] == pytest.approx(v, rel=1e-5, abs=1e-5)
 
