@@ -337,7 +337,10 @@ def _split_kwargs(
         atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
     out: dict[str, object] = {"device_map": device_map, "offload_folder": str(offload_folder)}
     if max_memory is not None:
-        out["max_memory"] = dict(max_memory)
+        # GPU indices may come as text from a YAML / JSON config ("0"); accelerate wants ints.
+        out["max_memory"] = {
+            int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in max_memory.items()
+        }
     return out
 
 
