@@ -737,3 +737,29 @@ def test_passes_leave_out_the_answer_slot_padding():
     alone = run(lm, "12+3=", "saliency", "15", batch_size=1)
     torch.testing.assert_close(both[0].scores, alone.scores, atol=1e-5, rtol=1e-5)
     assert sorted(widths) == [widths[0], widths[0] + 8]  # 8 fewer answer tokens, 8 fewer columns
+
+
+@pytest.mark.parametrize(
+    "method", ["saliency", "input_x_gradient", "occlusion", "attnlrp", "cp_lrp"]
+)
+def test_per_answer_token_matrix_equals_one_call_per_answer_token(method):
+    """Row t of the source x answer-token matrix is what one call attributing answer token t
+    alone gives: the prompt with the answer's first t tokens after it, target the token t,
+    features the prompt's own characters (one token each; the answer prefix is context).
+
+    The tokenizer's leading '▁' has the first character's offset, so the single call's first
+    feature holds '▁' and '1' together; the check compares the other five, and takes the
+    methods whose score of one token does not depend on which other tokens are features
+    (gradients, LRP, single-token occlusion). For IG and the Shapley
+    methods, linear in the target, the rows add up to the whole answer's scores
+    (test_per_answer_token_rows_add_up_to_the_whole_answer)."""
+    lm = tiny_lm("llama")
+    prompt, answer = "12x31=", "372"
+    rows = run(lm, prompt, method, answer, per_answer_token=True, seed=4)
+    assert rows.tokens[0] == "▁" and rows.tokens[1:] == list(prompt)
+    assert rows.scores.shape == (len(answer), 1 + len(prompt))
+    spans = [(i, i + 1) for i in range(len(prompt))]
+    for t in range(len(answer)):
+        one = run(lm, prompt + answer[:t], method, answer[t], features=spans, seed=4)
+        torch.testing.assert_close(rows.scores[t, 2:], one.scores[1:], atol=1e-5, rtol=1e-4)
+        assert abs(rows.target_score[t] - one.target_score) < 1e-5
