@@ -763,3 +763,28 @@ def test_per_answer_token_matrix_equals_one_call_per_answer_token(method):
         one = run(lm, prompt + answer[:t], method, answer[t], features=spans, seed=4)
         torch.testing.assert_close(rows.scores[t, 2:], one.scores[1:], atol=1e-5, rtol=1e-4)
         assert abs(rows.target_score[t] - one.target_score) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("saliency", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 8}),
+     ("smoothgrad", {"n_samples": 4}), ("attnlrp", {})],
+)  # fmt: skip
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_answer_token_rows_share_their_forward_passes(arch, method, params):
+    """The k answer tokens' rows of an example share each forward pass: the source x
+    answer-token matrix takes as many passes as attributing the whole answer (IG adds f(x)
+    and f(baseline) per row), and the scores of k rows run one at a time (batch size 1, where
+    no pass can be shared), which take k times the passes."""
+    lm = tiny_lm(arch)
+    prompts, answers = ["12x31=", "7x5="], ["372", "35"]
+    shared = run(lm, prompts, method, answers, per_answer_token=True, seed=2, **params)
+    whole = run(lm, prompts, method, answers, seed=2, **params)
+    alone = [run(lm, p, method, a, per_answer_token=True, seed=2, batch_size=1, **params)
+             for p, a in zip(prompts, answers, strict=True)]  # fmt: skip
+    for s, w, a in zip(shared, whole, alone, strict=True):
+        torch.testing.assert_close(s.scores, a.scores, atol=1e-5, rtol=1e-4)
+        k = len(s.answer_tokens)
+        endpoints = 2 * (k - 1) if method == "integrated_gradients" else 0
+        assert s.model_evals == w.model_evals + endpoints, (s.model_evals, w.model_evals)
+        assert a.model_evals == k * w.model_evals  # one row at a time: k times the passes

@@ -123,6 +123,22 @@ def test_methods_as_columns(lm, tmp_path, capsys):
         np.testing.assert_array_equal(matrix[:, j], res.scores.double().numpy())
 
 
+def test_per_answer_token_columns(lm, tmp_path, capsys):
+    """``--per_answer_token``: one column per answer token, each the matrix row of
+    ``per_answer_token=True`` (the source x answer-token matrix, transposed)."""
+    png = tmp_path / "tokens.png"
+    argv = ["heatmap", "--query", "12x31=", "--method", "input_x_gradient", "--target", "372"]
+    assert main([*argv, "--per_answer_token", "true", "--out", str(png)]) == 0
+    assert "3 columns" in capsys.readouterr().out
+    tokens, labels, matrix = read_csv(png.with_suffix(".csv"))
+    assert labels == ["1: 3", "2: 7", "3: 2"] and imread(png).ndim == 3
+    res = tokattr.attribute(lm, "12x31=", "input_x_gradient", target="372", per_answer_token=True)
+    assert tokens == res.tokens
+    np.testing.assert_array_equal(matrix, res.scores.T.double().numpy())
+    assert main([*argv, "--per_answer_token", "true", "--methods", "saliency"]) == 1
+    assert "not --columns or --methods" in capsys.readouterr().err
+
+
 def test_heatmap_matrix_finds_the_query_after_several_demonstrations(lm):
     (answer,) = greedy_answers(lm, ["7x5="])
     tokens, labels, matrix = heatmap_matrix(

@@ -27,7 +27,14 @@ from tokattr.problems import (
     pass_sizes,
     target_forward,
 )
-from tokattr.targets import TargetFunction, TargetInputs, contrast, log_prob, target_inputs
+from tokattr.targets import (
+    TOKEN_FORMS,
+    TargetFunction,
+    TargetInputs,
+    contrast,
+    log_prob,
+    target_inputs,
+)
 from tokattr.validation import (
     build_method,
     check_baseline,
@@ -315,6 +322,8 @@ def attribute_collated(
             log_prob_target=fn is log_prob,
             model=model,
             count=count,
+            # The rows of one example's answer tokens share their forward passes.
+            token_form=TOKEN_FORMS.get(fn) if per_answer_token else None,
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()

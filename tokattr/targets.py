@@ -202,6 +202,46 @@ def contrast(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
     return log_prob(model, embeds, inputs) - foil_logp
 
 
+@dataclass(frozen=True)
+class TokenForm:
+    """A target written through per-token values of the scored columns, so rows that share
+    their input and differ only in which answer tokens they score (``per_answer_token`` rows)
+    can share one forward pass: ``f(row) = combine(columns(...)[row's input], row's mask)``.
+
+    ``columns(model, embeds, inputs)``: ``[rows, k]`` per-token values on the last ``k``
+    columns, for every column scored in ``inputs.score_mask``; ``combine(values, mask)``:
+    ``[rows]`` from ``values [rows, k]`` and the rows' own ``mask [rows, k]``.
+    """
+
+    columns: Callable[[nn.Module, Tensor, TargetInputs], Tensor]
+    combine: Callable[[Tensor, Tensor], Tensor]
+
+
+def _logp_columns(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    a = inputs
+    return answer_log_probs(model, embeds, a.attention_mask, a.position_ids, a.labels, a.score_mask)
+
+
+def _logit_columns(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    a = inputs
+    _, logits = _score_columns(
+        model, embeds, a.attention_mask, a.position_ids, a.labels, a.score_mask
+    )
+    return logits
+
+
+def _first_only(mask: Tensor) -> Tensor:
+    return mask & (mask.long().cumsum(-1) == 1)
+
+
+TOKEN_FORMS: dict[TargetFunction, TokenForm] = {
+    log_prob: TokenForm(_logp_columns, lambda v, m: (v * m).sum(-1)),
+    prob: TokenForm(_logp_columns, lambda v, m: (v * m).sum(-1).exp()),
+    logit: TokenForm(_logit_columns, lambda v, m: (v * _first_only(m)).sum(-1)),
+}
+"""The built-in targets' per-token forms (``contrast`` has none: two passes per row)."""
+
+
 TARGETS: dict[str, TargetFunction] = {
     "log_prob": log_prob,
     "prob": prob,

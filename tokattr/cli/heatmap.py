@@ -27,6 +27,7 @@ def heatmap_command(
     dpi: int = 150,
     out: str = "heatmap.png",
     features: str = "token",
+    per_answer_token: bool = False,
 ) -> None:
     """Draw a token attribution heatmap of one query: a PNG and a CSV of the same matrix.
 
@@ -60,6 +61,9 @@ def heatmap_command(
         out: where to write the PNG; the CSV goes beside it with the suffix .csv.
         features: the rows: the query's "token"s (default), or its "word"s, "sentence"s,
             "line"s or parts between a separator ("separator:<s>").
+        per_answer_token: the source x answer-token matrix of --method: one column per
+            answer token, each attributing that token alone (given the earlier ones). Not
+            with --columns or --methods.
     """
     from tokattr.heatmaps import default_target, heatmap_matrix, plan_columns
     from tokattr.models import load_model
@@ -70,7 +74,13 @@ def heatmap_command(
         for k, v in (("n_steps", n_steps), ("rule", rule), ("n_samples", n_samples))
         if v is not None
     }
-    plan_columns(query, columns, methods, method, given)  # bad input fails before loading
+    if per_answer_token and (columns is not None or methods is not None):
+        raise ValueError(
+            "--per_answer_token draws one method's answer tokens as the columns; give --method, "
+            "not --columns or --methods"
+        )
+    if not per_answer_token:
+        plan_columns(query, columns, methods, method, given)  # bad input fails before loading
     from tokattr.features import feature_spans
 
     feature_spans(query, features)  # an unknown granularity fails before loading too
@@ -80,19 +90,25 @@ def heatmap_command(
 
     lm = load_model(model)
     answer = default_target(lm, query) if target is None else target
-    tokens, labels, matrix = heatmap_matrix(
-        lm,
-        query,
-        columns=columns,
-        methods=methods,
-        method=method,
-        target=answer,
-        baseline=baseline,
-        seed=seed,
-        batch_size=batch_size,
-        method_params=given,
-        features=features,
-    )
+    if per_answer_token:
+        tokens, labels, matrix = answer_token_matrix(
+            lm, query, method, answer, baseline, seed, batch_size, given, features
+        )
+        title = title or f"{Path(model).name}: {query} → {answer} ({method}, per answer token)"
+    else:
+        tokens, labels, matrix = heatmap_matrix(
+            lm,
+            query,
+            columns=columns,
+            methods=methods,
+            method=method,
+            target=answer,
+            baseline=baseline,
+            seed=seed,
+            batch_size=batch_size,
+            method_params=given,
+            features=features,
+        )
     if title is None:
         how = method if columns is not None else "methods"
         title = f"{Path(model).name}: {query} → {answer} ({how})"
@@ -106,6 +122,30 @@ def heatmap_command(
         f"wrote {png} ({width:.0f} x {height:.0f} px)\n"
         f"wrote {csv_path}"
     )
+
+
+def answer_token_matrix(
+    lm: object,
+    query: str,
+    method: str,
+    answer: str,
+    baseline: str,
+    seed: int | None,
+    batch_size: int | None,
+    params: dict,
+    features: str,
+) -> tuple[list[str], list[str], object]:
+    """The query's tokens (or features) x answer tokens matrix of one method:
+    ``per_answer_token=True``, transposed. ``(rows, column labels, [rows, answer tokens])``"""
+    from tokattr.attribution import attribute
+
+    res = attribute(
+        lm, query, method, target=answer, baseline=baseline, seed=seed,
+        batch_size=batch_size, per_answer_token=True, features=features, **params,
+    )  # fmt: skip
+    rows = list(res.tokens if features == "token" else res.features)
+    labels = [f"{i + 1}: {t}" for i, t in enumerate(res.answer_tokens)]
+    return rows, labels, res.scores.T  # [rows, answer tokens]
 
 
 def spread_list_options(argv: list[str]) -> list[str]:

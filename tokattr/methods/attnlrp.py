@@ -13,11 +13,21 @@ from tokattr.engine.scoring import answer_logits
 from tokattr.methods.internals import needs_model
 from tokattr.methods.lrp import lrp_rules
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
-from tokattr.targets import TargetInputs
+from tokattr.targets import TargetInputs, TokenForm
 
 EXPLAINED = ("logits", "target")
 """What the relevance explains: the answer tokens' logits (LRP's output, default) or the run's
 target function."""
+
+
+def _logit_columns(model: nn.Module, x: Tensor, rows: TargetInputs) -> Tensor:
+    return answer_logits(
+        model, x, rows.attention_mask, rows.position_ids, rows.labels, rows.score_mask
+    )
+
+
+LOGIT_SUM = TokenForm(_logit_columns, lambda v, m: (v * m).sum(-1))
+""":func:`_logit_sum` per token."""
 
 
 def _logit_sum(model: nn.Module, problem: AttributionProblem) -> Callable[..., Tensor]:
@@ -74,7 +84,12 @@ class AttnLRP(Method):
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         model = needs_model(problem, self.variant)
         if self.explain == "logits":
-            problem = dataclasses.replace(problem, forward=_logit_sum(model, problem))
+            problem = dataclasses.replace(
+                problem,
+                forward=_logit_sum(model, problem),
+                # per_answer_token rows share passes through the same sum of logits
+                token_form=None if problem.token_form is None else LOGIT_SUM,
+            )
         with lrp_rules(model, self.variant):
             fx, grad = problem.gradients()  # [batch], [batch, seq, d_model]
         relevance = (problem.embeds.float() * grad.float()).sum(-1)  # [batch, seq]

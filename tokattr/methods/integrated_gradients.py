@@ -100,6 +100,8 @@ class IntegratedGradients(Method):
             alphas, weights = (t.to(device) for t in self.nodes())
             rows = order.repeat_interleave(self.n_steps)  # [rows * steps]
             step = torch.arange(self.n_steps, device=device).repeat(n_rows)
+            if problem.token_form is not None:  # per_answer_token: one example's rows at one
+                rows, step = _siblings_together(problem, order, rows, step)  # node share a pass
             _, slopes = _path_points(problem, diff, rows, alphas[step])  # [points, seq]
             scores = torch.zeros(diff.shape[:2], dtype=torch.float32, device=device)
             scores.index_add_(0, rows, slopes * weights[step].float()[:, None])
@@ -192,18 +194,28 @@ def _path_points(
     def run(i: int, j: int) -> None:
         r, a = rows[i:j], alphas[i:j]
         cols = problem.trim(r)  # the columns outside are padding in every row of the chunk
-        with torch.enable_grad():
-            # In float32 at least: nearby nodes must not round to one point in half precision.
-            x = (
-                problem.baselines[r, cols].float()
-                + a.float()[:, None, None] * diff[r, cols].float()
-            )
-            x = x.to(dtype)
-            x = x.detach().requires_grad_()
-            f = problem.forward(x, problem.inputs.select(r, cols))
-            (grad,) = torch.autograd.grad(f.sum(), x)
-        f_out[i:j] = f.detach().float()
+        # In float32 at least: nearby nodes must not round to one point in half precision.
+        x = problem.baselines[r, cols].float() + a.float()[:, None, None] * diff[r, cols].float()
+        f, grad = problem.value_and_grad(x.to(dtype), r, cols)
+        f_out[i:j] = f.float()
         slopes[i:j, cols] = (grad.float() * diff[r, cols].float()).sum(-1)
 
     chunked(len(rows), problem.grad_batch, run)
     return f_out, slopes
+
+
+def _siblings_together(
+    problem: AttributionProblem, order: Tensor, rows: Tensor, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The points reordered so that the rows of one example (its answer tokens, adjacent in
+    ``order``) come together at each node: ``(example, node, row)``, so a pass holds inputs
+    they share (:meth:`~AttributionProblem.value_and_grad`)."""
+    examples = problem.inputs.example_index[order]  # [rows]
+    group = torch.cumsum(
+        torch.cat([examples.new_zeros(1), (examples[1:] != examples[:-1]).long()]), 0
+    )
+    n_rows, n_steps = len(order), int(step.max()) + 1
+    at = torch.arange(n_rows, device=rows.device).repeat_interleave(n_steps)  # place in order
+    key = (group[at] * n_steps + step) * n_rows + at
+    new = torch.argsort(key)
+    return rows[new], step[new]

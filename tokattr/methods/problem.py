@@ -18,6 +18,7 @@ as they are whatever a method perturbs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from transformers.cache_utils import DynamicCache
 
 from tokattr.engine.cache import Prefix, cache_states
 from tokattr.engine.memory import ModelShape
-from tokattr.targets import TargetInputs
+from tokattr.targets import TargetInputs, TokenForm
 
 if TYPE_CHECKING:
     from tokattr.engine.packing import Branches
@@ -92,6 +93,7 @@ class AttributionProblem:
     log_prob_target: bool = False  # the target is the answer's log-probability (targets.log_prob)
     model: torch.nn.Module | None = None  # the causal LM, for methods that read its internals
     count: Callable[[TargetInputs], None] | None = None  # records passes made outside forward
+    token_form: TokenForm | None = None  # the target per token: rows of one input share passes
 
     @property
     def grouped(self) -> bool:
@@ -180,6 +182,7 @@ class AttributionProblem:
             log_prob_target=self.log_prob_target,
             model=self.model,
             count=self.count,
+            token_form=self.token_form,
         )
 
     def feature_columns(self) -> Tensor:
@@ -321,6 +324,81 @@ class AttributionProblem:
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
 
+    def value_and_grad(self, x: Tensor, rows: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+        """The target at ``x`` ``[n, len(cols), d_model]`` (inputs of ``rows`` on ``cols``)
+        and its gradient with respect to ``x``. ``[n]`` (detached), ``[n, len(cols), d_model]``.
+
+        Rows with the same example and the same ``x`` that score different answer tokens (the
+        rows of ``per_answer_token``) share one forward pass, through the target's per-token
+        form (:class:`~tokattr.targets.TokenForm`), and one backward pass per rank among
+        them, each over all the shared inputs at once: the source x answer-token matrix of
+        ``k`` answer tokens costs one forward and ``k`` backward passes of one row instead of
+        ``k`` of each.
+        """
+        inputs = self.inputs.select(rows, cols)
+        shared = self._shared_inputs(x, inputs) if self.token_form is not None else None
+        if shared is None:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_()
+                f = self.forward(x, inputs)
+                (g,) = torch.autograd.grad(f.sum(), x)
+            return f.detach(), g
+        first, group, rank = shared  # [u] rows that run, [n] their group, [n] rank in it
+        mask = inputs.score_mask.long()
+        union = torch.zeros_like(mask[first]).index_add_(0, group, mask) > 0  # [u, cols]
+        run = dataclasses.replace(inputs.select(first), score_mask=union)
+        form, model = self.token_form, self.model
+        assert form is not None and model is not None
+        grad = torch.empty_like(x)
+        with torch.enable_grad():
+            xu = x[first].detach().requires_grad_()
+            values = form.columns(model, xu, run)  # [u, k]
+            k = values.shape[1]
+            f = form.combine(values[group], inputs.score_mask[:, -k:])  # [n]
+            for t in range(int(rank.max()) + 1):  # the t-th row of every group at once
+                mine = (rank == t).nonzero().flatten()
+                last = t == int(rank.max())
+                (gu,) = torch.autograd.grad(f[mine].sum(), xu, retain_graph=not last)
+                grad[mine] = gu[group[mine]]
+        if self.count is not None:
+            self.count(run)
+        return f.detach(), grad
+
+    @staticmethod
+    def _shared_inputs(x: Tensor, inputs: TargetInputs) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Groups of rows with one example and one input ``x`` (in order of first row):
+        ``(first row of each group [u], group of each row [n], rank of each row in its group
+        [n])``; ``None`` when no two rows share."""
+        examples = inputs.example_index.tolist()
+        first: list[int] = []
+        group, rank = [], []
+        seen: dict[int, list[int]] = {}  # example -> its groups
+        sizes: list[int] = []
+        for i, e in enumerate(examples):
+            for g in seen.get(e, []):
+                j = first[g]
+                if torch.equal(x[i], x[j]) and torch.equal(
+                    inputs.attention_mask[i], inputs.attention_mask[j]
+                ):
+                    group.append(g)
+                    rank.append(sizes[g])
+                    sizes[g] += 1
+                    break
+            else:
+                seen.setdefault(e, []).append(len(first))
+                group.append(len(first))
+                rank.append(0)
+                first.append(i)
+                sizes.append(1)
+        if len(first) == len(examples):
+            return None
+        device = x.device
+        return (
+            torch.tensor(first, device=device),
+            torch.tensor(group, device=device),
+            torch.tensor(rank, device=device),
+        )
+
     def gradients(self) -> tuple[Tensor, Tensor]:
         """The target on the unperturbed rows and its gradient with respect to their input
         embeddings, ``grad_batch`` rows per forward + backward pass. ``[batch]``,
@@ -332,12 +410,9 @@ class AttributionProblem:
         def run(i: int, j: int) -> Tensor:
             r = rows[i:j]
             cols = self.trim(r)
-            with torch.enable_grad():
-                x = self.embeds[r, cols].detach().requires_grad_()
-                f = self.forward(x, self.inputs.select(r, cols))
-                (g,) = torch.autograd.grad(f.sum(), x)
+            f, g = self.value_and_grad(self.embeds[r, cols], r, cols)
             grad[r, cols] = g
-            return f.detach()
+            return f
 
         f = torch.cat(chunked(self.n_rows, self.grad_batch, run))  # [batch] in length order
         return torch.empty_like(f).index_copy_(0, rows, f), grad

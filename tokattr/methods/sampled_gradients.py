@@ -76,10 +76,7 @@ def grad_passes(
     def run(i: int, j: int) -> None:
         r = rows[i:j]
         cols = problem.trim(r)
-        with torch.enable_grad():
-            x = build(i, j, cols).detach().requires_grad_()
-            f = problem.forward(x, problem.inputs.select(r, cols))
-            (grad,) = torch.autograd.grad(f.sum(), x)
+        _, grad = problem.value_and_grad(build(i, j, cols), r, cols)
         consume(i, j, cols, grad)
 
     chunked(len(rows), problem.grad_batch, run)
