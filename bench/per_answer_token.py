@@ -37,8 +37,8 @@ from tokattr import attribute
 METHODS = {
     "saliency": {},
     "input_x_gradient": {},
-    "integrated_gradients": {"n_steps": 16},
-    "smoothgrad": {"n_samples": 8},
+    "integrated_gradients": {"n_steps": 8},
+    "smoothgrad": {"n_samples": 4},
     "attnlrp": {},
 }
 

@@ -771,20 +771,22 @@ def test_per_answer_token_matrix_equals_one_call_per_answer_token(method):
      ("smoothgrad", {"n_samples": 4}), ("attnlrp", {})],
 )  # fmt: skip
 @pytest.mark.parametrize("arch", ARCHS)
-def test_per_answer_token_rows_share_their_forward_passes(arch, method, params):
+def test_per_answer_token_rows_share_their_forward_passes(arch, method, params, monkeypatch):
     """The k answer tokens' rows of an example share each forward pass: the source x
     answer-token matrix takes as many passes as attributing the whole answer (IG adds f(x)
-    and f(baseline) per row), and the scores of k rows run one at a time (batch size 1, where
-    no pass can be shared), which take k times the passes."""
+    and f(baseline) per row), and gives the scores of k rows run as sequences of their own
+    (the target's per-token form taken away), which take k times the passes."""
+    import tokattr.attribution
+
     lm = tiny_lm(arch)
     prompts, answers = ["12x31=", "7x5="], ["372", "35"]
     shared = run(lm, prompts, method, answers, per_answer_token=True, seed=2, **params)
     whole = run(lm, prompts, method, answers, seed=2, **params)
-    alone = [run(lm, p, method, a, per_answer_token=True, seed=2, batch_size=1, **params)
-             for p, a in zip(prompts, answers, strict=True)]  # fmt: skip
+    monkeypatch.setattr(tokattr.attribution, "TOKEN_FORMS", {})
+    alone = run(lm, prompts, method, answers, per_answer_token=True, seed=2, **params)
     for s, w, a in zip(shared, whole, alone, strict=True):
         torch.testing.assert_close(s.scores, a.scores, atol=1e-5, rtol=1e-4)
         k = len(s.answer_tokens)
         endpoints = 2 * (k - 1) if method == "integrated_gradients" else 0
         assert s.model_evals == w.model_evals + endpoints, (s.model_evals, w.model_evals)
-        assert a.model_evals == k * w.model_evals  # one row at a time: k times the passes
+        assert a.model_evals == k * w.model_evals  # a sequence per row: k times the passes

@@ -304,7 +304,10 @@ def attribute_collated(
 
     batch_size, grad_batch_size = sizes
     row_scores, row_delta, row_fx = [], [], []
-    for rows in torch.arange(len(row_of), device=device).split(max(batch_size, n_examples)):
+    size = max(batch_size, n_examples)
+    if per_answer_token:  # an example's answer-token rows in one problem: they share passes
+        size *= int(torch.bincount(row_of).max())
+    for rows in torch.arange(len(row_of), device=device).split(size):
         problem = AttributionProblem(
             forward=forward,
             embeds=embeds[row_of[rows]],

@@ -200,7 +200,7 @@ def _path_points(
         f_out[i:j] = f.float()
         slopes[i:j, cols] = (grad.float() * diff[r, cols].float()).sum(-1)
 
-    chunked(len(rows), problem.grad_batch, run)
+    chunked(len(rows), problem.shared_grad_batch, run)
     return f_out, slopes
 
 

@@ -130,6 +130,15 @@ class AttributionProblem:
         return self.grad_batch_size or self.batch_size
 
     @property
+    def shared_grad_batch(self) -> int:
+        """Points per forward + backward chunk where rows share inputs (``token_form``: an
+        example's answer-token rows): ``grad_batch`` inputs, each counted once, so a chunk
+        holds every sibling of a point (:meth:`value_and_grad`)."""
+        if self.token_form is None:
+            return self.grad_batch
+        return self.grad_batch * int(torch.bincount(self.inputs.example_index).max())
+
+    @property
     def n_rows(self) -> int:
         return self.embeds.shape[0]
 
@@ -414,7 +423,7 @@ class AttributionProblem:
             grad[r, cols] = g
             return f
 
-        f = torch.cat(chunked(self.n_rows, self.grad_batch, run))  # [batch] in length order
+        f = torch.cat(chunked(self.n_rows, self.shared_grad_batch, run))  # [batch], length order
         return torch.empty_like(f).index_copy_(0, rows, f), grad
 
     @torch.inference_mode()

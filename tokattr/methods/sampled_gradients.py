@@ -79,7 +79,7 @@ def grad_passes(
         _, grad = problem.value_and_grad(build(i, j, cols), r, cols)
         consume(i, j, cols, grad)
 
-    chunked(len(rows), problem.grad_batch, run)
+    chunked(len(rows), problem.shared_grad_batch, run)
 
 
 def noisy_inputs(
