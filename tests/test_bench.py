@@ -169,16 +169,20 @@ def test_a_changed_config_is_refused_unless_overwrite(one_process, tmp_path):
 
 
 def test_every_config_parses():
+    from concurrent.futures import ThreadPoolExecutor
+
     configs = sorted((ROOT / "configs").rglob("*.yaml"))
     assert configs
-    for path in configs:
+
+    def parse(path: Path) -> subprocess.CompletedProcess:
         yaml.safe_load(path.read_text())
-        if path.parent.name == "bench":
-            run = subprocess.run([*TOKATTR, "bench", "--config", str(path), "--print_config"],
-                                 capture_output=True, text=True, env=_env(), cwd=ROOT)  # fmt: skip
-        else:
-            run = subprocess.run([*TOKATTR, "train", "--config", str(path), "--print_config"],
-                                 capture_output=True, text=True, env=_env(), cwd=ROOT)  # fmt: skip
+        command = "bench" if path.parent.name == "bench" else "train"
+        return subprocess.run([*TOKATTR, command, "--config", str(path), "--print_config"],
+                              capture_output=True, text=True, env=_env(), cwd=ROOT)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one process per core: half the wait
+        runs = list(pool.map(parse, configs))
+    for path, run in zip(configs, runs, strict=True):
         assert run.returncode == 0, (path, run.stderr[-2000:])
         assert "model:" in run.stdout
 

@@ -73,11 +73,16 @@ def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
             assert b[k]["metrics"][m] == pytest.approx(v, rel=1e-5, abs=1e-5)
 
 
-def test_what_cannot_run_sharded_is_refused_before_work(tmp_path):
-    run = _bench(tmp_path / "x", "--model.metrics", json.dumps(["randomization_spearman"]))
-    assert run.returncode != 0 and "randomization_spearman needs a second" in run.stderr
-    run = _bench(tmp_path / "y", "--model.device_map", "auto")
-    assert run.returncode != 0 and "splits the model inside one process" in run.stderr
+def test_what_cannot_run_sharded_is_refused_before_work(tmp_path, capsys):
+    from tokattr.cli import main
+
+    config = str(ROOT / "configs/bench/fsdp.yaml")
+    metrics = json.dumps(["randomization_spearman"])
+    x, y = str(tmp_path / "x"), str(tmp_path / "y")
+    assert main(["bench", "--config", config, "--model.metrics", metrics, "--out_dir", x]) != 0
+    assert "randomization_spearman needs a second" in capsys.readouterr().err
+    assert main(["bench", "--config", config, "--model.device_map", "auto", "--out_dir", y]) != 0
+    assert "splits the model inside one process" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
