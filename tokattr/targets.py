@@ -222,7 +222,8 @@ def _logp_columns(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Ten
     return answer_log_probs(model, embeds, a.attention_mask, a.position_ids, a.labels, a.score_mask)
 
 
-def _logit_columns(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+def logit_columns(model: nn.Module, embeds: Tensor, inputs: TargetInputs) -> Tensor:
+    """Teacher-forced raw logits of the scored answer tokens, ``[rows, k]`` (0 elsewhere)."""
     a = inputs
     _, logits = _score_columns(
         model, embeds, a.attention_mask, a.position_ids, a.labels, a.score_mask
@@ -237,9 +238,11 @@ def _first_only(mask: Tensor) -> Tensor:
 TOKEN_FORMS: dict[TargetFunction, TokenForm] = {
     log_prob: TokenForm(_logp_columns, lambda v, m: (v * m).sum(-1)),
     prob: TokenForm(_logp_columns, lambda v, m: (v * m).sum(-1).exp()),
-    logit: TokenForm(_logit_columns, lambda v, m: (v * _first_only(m)).sum(-1)),
+    logit: TokenForm(logit_columns, lambda v, m: (v * _first_only(m)).sum(-1)),
 }
 """The built-in targets' per-token forms (``contrast`` has none: two passes per row)."""
+LOGIT_SUM = TokenForm(logit_columns, lambda v, m: (v * m).sum(-1))
+"""The sum of the scored tokens' logits, per token (what LRP explains)."""
 
 
 TARGETS: dict[str, TargetFunction] = {

@@ -180,8 +180,6 @@ def _check_sharding(cfg: Any) -> None:
     """FSDP2 (``ModelParallelStrategy``): what cannot run sharded, refused before any work."""
     if _strategy_name(cfg) not in ("ModelParallelStrategy", "model_parallel"):
         return
-    if cfg.model.device_map is not None:
-        raise ValueError("--model.device_map and a sharded strategy exclude each other")
     from tokattr.evaluation import needs_random_model
 
     if needs_random_model(cfg.model.metrics or ["randomization_spearman"]):

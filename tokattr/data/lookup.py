@@ -60,14 +60,12 @@ class LookupProblem:
 
 @dataclass(frozen=True)
 class LookupContext:
-    """A lookup context before its query: the definitions, the text and every part's span."""
+    """A lookup context before its query: the text and every part's span."""
 
-    defs: tuple[tuple[str, str], ...]
-    """``(key, value)`` of every definition, in prompt order."""
     text: str
     segments: tuple[tuple[int, int], ...]
     definitions: tuple[int, ...]
-    """Index into ``segments`` of each entry of ``defs``."""
+    """Index into ``segments`` of each definition, in the order of the ``defs`` given."""
 
 
 class LookupGenerator:
@@ -133,7 +131,6 @@ class LookupGenerator:
                 room -= size + len(SEPARATOR)
         text, spans = layout(parts)
         return LookupContext(
-            defs=tuple(defs),
             text=text,
             segments=spans,
             definitions=tuple(i for i, d in enumerate(is_def) if d),

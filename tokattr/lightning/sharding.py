@@ -25,9 +25,7 @@ still take different prompts. Two things follow for attribution:
 
 from __future__ import annotations
 
-import contextlib
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,6 +71,7 @@ class Lockstep:
         self.group = group
         self.passes = 0  # this rank's own passes
         self.dummies = 0  # passes run to keep another rank company
+        self._own: Any = None  # the model's own instance forward, if it had one
 
     def _vote(self, kind: int) -> int:
         """This rank's pass kind in, the round's kind (the highest voted) out."""
@@ -95,12 +94,12 @@ class Lockstep:
                 torch.autograd.grad(out.logits.float().sum(), x)
         self.dummies += 1
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[Lockstep]:
-        """Within the block, each forward of ``model`` waits for its round (instance-level,
-        removed on exit, also on error)."""
-        model, own = self.model, vars(self.model).get("forward")
-        inner = own if own is not None else types.MethodType(type(model).forward, model)
+    def __enter__(self) -> Lockstep:
+        """From here, each forward of ``model`` waits for its round (an instance attribute,
+        removed by ``__exit__``, also on error)."""
+        model = self.model
+        self._own = vars(model).get("forward")
+        inner = self._own or types.MethodType(type(model).forward, model)
 
         def forward(this: nn.Module, *args: Any, **kwargs: Any) -> Any:
             x = kwargs.get("inputs_embeds")
@@ -111,20 +110,13 @@ class Lockstep:
             return inner(*args, **kwargs)
 
         model.forward = types.MethodType(forward, model)  # type: ignore[method-assign]
-        try:
-            yield self
-        finally:
-            if own is None:
-                del model.forward
-            else:
-                model.forward = own  # type: ignore[method-assign]
-
-    def __enter__(self) -> Lockstep:
-        self._ctx = self.active()
-        return self._ctx.__enter__()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+        if self._own is None:
+            del self.model.forward
+        else:
+            self.model.forward = self._own  # type: ignore[method-assign]
 
     def drain(self) -> None:
         """Vote "done" and run dummy passes while any other rank still runs its own; returns

@@ -13,21 +13,11 @@ from tokattr.engine.scoring import answer_logits
 from tokattr.methods.internals import needs_model
 from tokattr.methods.lrp import lrp_rules
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput
-from tokattr.targets import TargetInputs, TokenForm
+from tokattr.targets import LOGIT_SUM, TargetInputs
 
 EXPLAINED = ("logits", "target")
 """What the relevance explains: the answer tokens' logits (LRP's output, default) or the run's
 target function."""
-
-
-def _logit_columns(model: nn.Module, x: Tensor, rows: TargetInputs) -> Tensor:
-    return answer_logits(
-        model, x, rows.attention_mask, rows.position_ids, rows.labels, rows.score_mask
-    )
-
-
-LOGIT_SUM = TokenForm(_logit_columns, lambda v, m: (v * m).sum(-1))
-""":func:`_logit_sum` per token."""
 
 
 def _logit_sum(model: nn.Module, problem: AttributionProblem) -> Callable[..., Tensor]:
