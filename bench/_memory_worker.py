@@ -1,13 +1,16 @@
-"""Peak memory of integrated gradients on one long prompt, in a fresh process.
+"""Peak memory of one method on one long prompt, in a fresh process.
 
 Reads one JSON request on stdin::
 
     {"model_path", "prompt", "answer", "n_steps", "batch_size", "memory_budget",
-     "device", "dtype", "threads"}
+     "device", "dtype", "threads", ["method", "params"]}
 
 loads the model folder, records the memory after loading, runs ``tokattr.attribute(lm,
-prompt, "integrated_gradients", target=answer, n_steps=..., batch_size=...)`` (passing
-``memory_budget=`` when the request gives one), and
+prompt, method, target=answer, batch_size=..., **params)`` (``method`` defaults to
+``integrated_gradients`` with ``n_steps``; passing ``memory_budget=`` when the request gives
+one; ``method="forward"`` times one forward pass of the prompt and answer instead, the floor
+a method's time is compared with; ``"warmup": true`` runs it once on a 4-token prompt first,
+so that first-call costs stay off the record), and
 prints one JSON line with the peak memory above the loaded model: CUDA
 ``max_memory_allocated`` or, on CPU, the peak RSS (``ru_maxrss``, KiB on Linux) minus the RSS
 after loading (the peak is reset after loading through ``/proc/self/clear_refs`` where
@@ -63,10 +66,19 @@ def main() -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(req["model_path"])
     lm = LanguageModel(model=model, tokenizer=tok, name="llama-100m", path=None)
 
-    kwargs: dict[str, Any] = {"n_steps": int(req["n_steps"]), "batch_size": req["batch_size"]}
+    method = req.get("method") or "integrated_gradients"
+    kwargs: dict[str, Any] = {"batch_size": req["batch_size"], **(req.get("params") or {})}
+    if method == "integrated_gradients" and req.get("n_steps") is not None:
+        kwargs["n_steps"] = int(req["n_steps"])
     used_budget = req.get("memory_budget") is not None
     if used_budget:
         kwargs["memory_budget"] = int(req["memory_budget"])
+    if req.get("warmup"):  # first-call costs (imports, kernels, allocator) off the record
+        short = tok("1+1=2", return_tensors="pt")["input_ids"].to(device)
+        with torch.inference_mode():
+            model(input_ids=short)
+        if method != "forward":
+            tokattr.attribute(lm, "1+1=", method=method, target="2", **kwargs)
     reset = False
     if device == "cuda":
         torch.cuda.synchronize()
@@ -76,9 +88,13 @@ def main() -> dict[str, Any]:
         reset = _reset_peak_rss()
         start = _status_bytes("VmRSS") or 0
     t0 = time.perf_counter()
-    out = tokattr.attribute(
-        lm, req["prompt"], method="integrated_gradients", target=req["answer"], **kwargs
-    )
+    if method == "forward":
+        ids = tok(req["prompt"] + req["answer"], return_tensors="pt")["input_ids"].to(device)
+        with torch.inference_mode():
+            model(input_ids=ids)
+        out = None
+    else:
+        out = tokattr.attribute(lm, req["prompt"], method=method, target=req["answer"], **kwargs)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -98,8 +114,8 @@ def main() -> dict[str, Any]:
         "peak_bytes": int(peak),
         "memory_kind": kind,
         "prompt_tokens": n_tokens,
-        "model_evals": out.model_evals,
-        "delta": out.delta,
+        "model_evals": 1 if out is None else out.model_evals,
+        "delta": None if out is None else out.delta,
         "used_memory_budget_arg": used_budget,
     }
 

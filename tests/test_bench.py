@@ -32,7 +32,7 @@ SMALL = [
     }),
     "--model.metrics", json.dumps([
         "comprehensiveness", "loo_kendall_tau", "infidelity", "randomization_spearman",
-        "shapley_error", "plausibility_auprc",
+        "shapley_error", "plausibility_auprc", "soft_sufficiency", "soft_comprehensiveness",
     ]),
     "--model.metric_params", json.dumps({"infidelity": {"n_perturb_samples": 4}}),
     "--data.n", "16",
@@ -109,7 +109,12 @@ def test_outputs_of_one_process(one_process):
     with (one_process / "metrics.csv").open() as f:
         head = f.readline().strip()
     assert head == "method,metric,k,mean,ci_low,ci_high,higher_is_better,n"
-    assert "↑" in (one_process / "summary.md").read_text()
+    summary = (one_process / "summary.md").read_text()
+    assert "↑" in summary and "## Metric checks" in summary and "*told from random*" in summary
+    sanity = (one_process / "metric_sanity.csv").read_text().splitlines()
+    assert sanity[0] == "metric,method,effect,ci_low,ci_high,discriminates"
+    # One row per metric x method other than the control (shapley_error: kernel_shap only).
+    assert len(sanity) - 1 == 7 * 3 + 1
     assert (one_process / "config.yaml").exists()
 
 

@@ -184,6 +184,25 @@ def test_labels_align_with_tokens(arith_tokenizer):
     assert all(r == DEMONSTRATION for _, r in got[: len(got) - 8])
 
 
+def test_plausibility_labels_mark_what_the_answer_depends_on(arith_tokenizer):
+    """1: operand digits, sign, decimal point, operator; 0: formatting and demonstrations;
+    -1: ``=``."""
+    from tokattr.data.labels import relevance
+
+    tok = arith_tokenizer
+    prompt = "9 + 3 = 12;-$1,000.5 x 3="
+    enc = tok(prompt, return_offsets_mapping=True, add_special_tokens=False)
+    toks = tok.convert_ids_to_tokens(enc["input_ids"])
+    got = list(zip(toks, relevance(prompt, enc["offset_mapping"]), strict=True))
+    assert got == [
+        ("▁", 0), ("9", 0), ("▁+", 0), ("▁", 0), ("3", 0), ("▁=", 0), ("▁", 0), ("1", 0),
+        ("2", 0), (";", 0),  # the demonstration and its separator
+        ("-", 1), ("$", 0), ("1", 1), (",", 0), ("0", 1), ("0", 1), ("0", 1), (".", 1),
+        ("5", 1), ("▁x", 1), ("▁", 0), ("3", 1), ("=", -1),
+    ]  # fmt: skip
+    assert relevance("not arithmetic", [(0, 3)]) is None
+
+
 @pytest.mark.parametrize("bucket", sorted(BUCKETS))
 def test_every_token_gets_the_role_of_its_characters(arith_tokenizer, bucket):
     tok = arith_tokenizer

@@ -4,6 +4,7 @@ every class against its function."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 
@@ -23,19 +24,25 @@ from tokattr.metrics.classes import (
     CompletenessError,
     Comprehensiveness,
     DeletionAUC,
+    DeletionAUCNormalised,
     Infidelity,
     InsertionAUC,
+    InsertionAUCNormalised,
     LooKendallTau,
     MaxSensitivity,
     PlausibilityAUPRC,
+    PlausibilityPrecision,
     PlausibilityTop1,
     RandomizationSpearman,
     ShapleyError,
+    SoftComprehensiveness,
+    SoftSufficiency,
     Sufficiency,
 )
 from tokattr.metrics.ranking import (
     FRACTIONS,
     average_precision,
+    expected_average_precision,
     kendall_tau,
     normalised_auc,
     spearman,
@@ -224,8 +231,17 @@ def test_erasure_metrics_equal_brute_force():
             assert comp[b, j].item() == pytest.approx(fx - d_ref[k], abs=1e-10)
             assert suff[b, j].item() == pytest.approx(fx - i_ref[k], abs=1e-10)
         x = np.linspace(0, 1, n + 1)
-        assert dele[b].item() == pytest.approx(np.trapezoid((d_ref - fb) / (fx - fb), x))
-        assert ins[b].item() == pytest.approx(np.trapezoid((i_ref - fb) / (fx - fb), x))
+        # Areas in units of f, from f(baseline); the normalised form only where the gap is wide.
+        assert dele[b].item() == pytest.approx(np.trapezoid(d_ref - fb, x))
+        assert ins[b].item() == pytest.approx(np.trapezoid(i_ref - fb, x))
+        for min_gap in (1e-3, abs(fx - fb) + 1e-3):
+            dn = F.deletion_auc_normalised_from_curves(curves, min_gap)[b].item()
+            inn = F.insertion_auc_normalised_from_curves(curves, min_gap)[b].item()
+            if abs(fx - fb) >= min_gap:
+                assert dn == pytest.approx(np.trapezoid((d_ref - fb) / (fx - fb), x))
+                assert inn == pytest.approx(np.trapezoid((i_ref - fb) / (fx - fb), x))
+            else:
+                assert math.isnan(dn) and math.isnan(inn)
 
 
 @torch.no_grad()
@@ -288,18 +304,26 @@ def test_completeness_error_equals_numpy():
     assert F.completeness_error(problem, ig).max().item() < 1e-6  # float32 scores
 
 
-def test_infidelity_equals_the_definition():
+def _infidelity_draws(problem, b, samples, n, perturbation, p=0.25, std=0.3):
+    """Row b's perturbations ``[samples, n]``, drawn as the metric documents it."""
+    g = torch.Generator().manual_seed(problem.seeds[b] + F.INFIDELITY_SALT)
+    if perturbation == "removal":
+        return (torch.rand(samples, n, 1, generator=g)[..., 0] < p).double().numpy()
+    return (torch.randn(samples, n, 1, generator=g)[..., 0] * std).double().numpy()
+
+
+@pytest.mark.parametrize("perturbation", ["removal", "gaussian"])
+def test_infidelity_equals_the_definition(perturbation):
     problem, _ = make_batch(lengths=(4, 6, 2))
     scores = random_scores(problem)
-    samples, std = 5, 0.3
+    samples = 5
     for normalize in (False, True):
-        got = F.infidelity(problem, scores, samples, std, normalize)
+        got = F.infidelity(problem, scores, samples, perturbation, 0.25, 0.3, normalize)
         for b in range(problem.n_rows):
             E, w = feats_of(problem, b)
             n = len(w)
             s = scores[b][problem.feature_mask[b]].numpy()
-            g = torch.Generator().manual_seed(problem.seeds[b])
-            noise = (torch.randn(samples, n, 1, generator=g)[..., 0] * std).double().numpy()
+            noise = _infidelity_draws(problem, b, samples, n, perturbation)
             dots = noise @ s
             diffs = np.array([f_numpy(E, w) - f_numpy((1 - eps)[:, None] * E, w) for eps in noise])
             if normalize:
@@ -307,6 +331,154 @@ def test_infidelity_equals_the_definition():
                 dots = beta * dots
             ref = ((dots - diffs) ** 2).mean()
             assert got[b].item() == pytest.approx(ref, rel=1e-5)
+    # The metric reports the root, on the scale of f.
+    metric = Infidelity(n_perturb_samples=samples, perturbation=perturbation, noise_std=0.3)
+    metric.update(MetricInputs(problem, scores))
+    ref = F.infidelity(problem, scores, samples, perturbation, 0.25, 0.3).sqrt()
+    torch.testing.assert_close(metric.per_example(), ref)
+
+
+def test_infidelity_of_an_exact_additive_explanation_is_zero_not_nan():
+    """On an additive target occlusion's scores predict every removal exactly; Captum's
+    expanded square may round below 0 there, and the reported root must stay 0."""
+    problem, _ = make_batch(lengths=(5, 3, 7, 4) * 4)
+    u = torch.tensor(U)
+
+    def additive(x, inp):
+        feats = torch.where(inp.score_mask[..., None], x, torch.zeros_like(x))
+        return (inp.labels * (feats @ u)).sum(-1)
+
+    problem = dataclasses.replace(problem, forward=additive)
+    scores = Occlusion().attribute(problem).scores
+    metric = Infidelity(n_perturb_samples=16)
+    metric.update(MetricInputs(problem, scores))
+    values = metric.per_example()
+    assert not values.isnan().any() and values.max().item() < 1e-3
+
+
+@torch.no_grad()
+def test_infidelity_equals_captum_on_a_real_model():
+    """``captum.metrics.infidelity`` called on the model directly (a forward written here on
+    the unpadded prompt's embeddings, the same perturbations): the same value per example."""
+    import captum.metrics
+
+    lm = tiny_lm("llama")
+    prompts, answers = ["12+3=", "7x45=", "1/2="], ["15", "315", "0.5"]
+    problem, _ = model_problem(lm, prompts, answers)
+    scores = random_scores(problem, seed=3)
+    samples = 6
+    for perturbation in ("removal", "gaussian"):
+        got = F.infidelity(problem, scores, samples, perturbation, 0.25, 0.05)
+        for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            ids, n_prompt, cols = unpadded(lm, p, a)
+            x, base = baseline_embeds(lm, ids, cols)
+            n = len(cols)
+            draws = torch.tensor(_infidelity_draws(problem, b, samples, n, perturbation, std=0.05))
+
+            def forward(alpha, x=x, base=base, cols=cols, ids=ids, n_prompt=n_prompt):
+                e = x.expand(alpha.shape[0], -1, -1).clone()
+                a_ = alpha[..., None].to(e.dtype)
+                e[:, cols] = base[:, cols] + a_ * (x[:, cols] - base[:, cols])
+                return direct_log_prob(lm, e, ids, n_prompt)
+
+            def perturb(alpha, draws=draws):
+                return draws.float(), alpha - draws.float()
+
+            s = scores[b][problem.feature_mask[b]][None]
+            ref = captum.metrics.infidelity(
+                forward, perturb, torch.ones(1, n), s, n_perturb_samples=samples, normalize=True
+            )
+            assert got[b].item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+
+
+def _soft_numpy(p, p0, kept, removed):
+    """Zhao & Aletras (2023), eqs. for Soft-NS and Soft-NC, one mask at a time, averaged."""
+    suff = lambda p_: 1 - max(0.0, p - p_)  # noqa: E731
+    s0 = suff(p0)
+    ns = np.mean([max(0.0, suff(k) - s0) / (1 - s0) for k in kept])
+    nc = np.mean([max(0.0, p - r) / (1 - s0) for r in removed])
+    return ns, nc
+
+
+def test_soft_sufficiency_and_comprehensiveness_equal_numpy():
+    problem, _ = make_batch(lengths=(5, 3, 7, 4))
+    scores = random_scores(problem, seed=2)
+    samples = 4
+    e = F.soft_erasure(problem, scores, samples)
+    ns, nc = F.soft_sufficiency_from(e), F.soft_comprehensiveness_from(e)
+    for b in range(problem.n_rows):
+        E, w = feats_of(problem, b)
+        s = scores[b][problem.feature_mask[b]].double().numpy()
+        q = (s - s.min()) / (s.max() - s.min())
+        kept, removed = [], []
+        for k in range(samples):
+            u = F.soft_uniforms(problem, b, k).double().numpy()  # [n, D]
+            kept.append(f_numpy(np.where(u < q[:, None], E, 0.0), w))
+            removed.append(f_numpy(np.where(u < 1 - q[:, None], E, 0.0), w))
+        p, p0 = f_numpy(E, w), f_numpy(0 * E, w)
+        if p - p0 <= 1e-6:
+            assert math.isnan(ns[b]) and math.isnan(nc[b])
+            continue
+        ref_ns, ref_nc = _soft_numpy(p, p0, kept, removed)
+        assert ns[b].item() == pytest.approx(ref_ns, rel=1e-9, abs=1e-12)
+        assert nc[b].item() == pytest.approx(ref_nc, rel=1e-9, abs=1e-12)
+    # The draws belong to the row, not to the batch it is computed in.
+    sub = problem.select(torch.tensor([2, 0]))
+    e_sub = F.soft_erasure(sub, scores[[2, 0]], samples)
+    torch.testing.assert_close(e_sub.kept, e.kept[[2, 0]])
+    # Keep probability 1 everywhere is the prompt itself; 0 is the baseline.
+    rows = torch.arange(problem.n_rows)
+    ones = torch.ones(problem.n_rows, 7)
+    fx, fb = F.endpoints(problem)
+    uni = lambda i: F.soft_uniforms(problem, i, 0)  # noqa: E731
+    torch.testing.assert_close(problem.evaluate_soft(rows, ones, uni).double(), fx)
+    torch.testing.assert_close(problem.evaluate_soft(rows, 0 * ones, uni).double(), fb)
+
+
+@torch.no_grad()
+def test_soft_metrics_on_a_real_model_use_the_answer_probability():
+    """On a padded batch of a real model: the same masks put on each unpadded prompt by hand,
+    the answer's probability (exp of the summed log-probs) in the paper's formulas."""
+    lm = tiny_lm("llama")
+    prompts, answers = ["12+3=", "7x45=", "1/2="], ["1", "3", "0"]  # one token: p ~ 1/vocab
+    problem, _ = model_problem(lm, prompts, answers)
+    problem = dataclasses.replace(problem, log_prob_target=True, seeds=(3, 4, 5))
+    scores = random_scores(problem, seed=6)
+    samples = 3
+    e = F.soft_erasure(problem, scores, samples)
+    ns, nc = F.soft_sufficiency_from(e), F.soft_comprehensiveness_from(e)
+    defined = 0
+    for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        ids, n_prompt, cols = unpadded(lm, p, a)
+        x, base = baseline_embeds(lm, ids, cols)
+        s = scores[b][problem.feature_mask[b]].double()
+        q = ((s - s.min()) / (s.max() - s.min()))[:, None]
+        kept, removed = [], []
+        for k in range(samples):
+            u = F.soft_uniforms(problem, b, k).double()
+            for keep_prob, out in ((q, kept), (1 - q, removed)):
+                z = x.clone()
+                z[0, cols] = torch.where(u < keep_prob, x[0, cols], base[0, cols])
+                out.append(direct_log_prob(lm, z, ids, n_prompt).exp().item())
+        px = direct_log_prob(lm, x, ids, n_prompt).exp().item()
+        p0 = direct_log_prob(lm, base, ids, n_prompt).exp().item()
+        assert e.p[b].item() == pytest.approx(px, rel=1e-4)
+        if px - p0 <= 1e-6:
+            assert math.isnan(ns[b])
+            continue
+        defined += 1
+        ref_ns, ref_nc = _soft_numpy(px, p0, kept, removed)
+        assert ns[b].item() == pytest.approx(ref_ns, rel=1e-3, abs=1e-6)
+        assert nc[b].item() == pytest.approx(ref_nc, rel=1e-3, abs=1e-6)
+    assert defined >= 1  # the formulas were checked, not only their undefined case
+
+
+def test_soft_metrics_are_undefined_for_constant_scores():
+    problem, _ = make_batch(lengths=(5, 3))
+    flat = torch.where(problem.feature_mask, 1.0, 0.0)
+    e = F.soft_erasure(problem, flat, 2)
+    assert F.soft_sufficiency_from(e).isnan().all()
+    assert F.soft_comprehensiveness_from(e).isnan().all()
 
 
 class _Linear:
@@ -341,6 +513,62 @@ def test_max_sensitivity_equals_the_definition():
     assert F.max_sensitivity(problem, rnd.attribute(problem).scores, rnd).abs().max() == 0
 
 
+def _random_ap_brute_force(y: np.ndarray) -> float:
+    """The mean of scikit-learn's average precision over every order of the items."""
+    n = len(y)
+    aps = [
+        sklearn.metrics.average_precision_score(y, -np.array(perm, dtype=float))
+        for perm in itertools.permutations(range(n))
+    ]
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6])
+def test_expected_average_precision_equals_brute_force(n):
+    for n_pos in range(1, n):
+        y = np.array([1] * n_pos + [0] * (n - n_pos))
+        got = expected_average_precision(torch.tensor([n_pos]), torch.tensor([n]))
+        assert got.item() == pytest.approx(_random_ap_brute_force(y))
+
+
+def _precision_brute_force(y: np.ndarray, s: np.ndarray) -> float:
+    """Normalised precision of the top P (P positives), ties at the cut broken every way."""
+    n, p = len(y), int(y.sum())
+    hits = []
+    for perm in itertools.permutations(range(n)):  # a tie-break order
+        order = sorted(range(n), key=lambda j: (-s[j], perm[j]))
+        hits.append(y[order[:p]].sum() / p)
+    base = p / n
+    return (float(np.mean(hits)) - base) / (1 - base)
+
+
+def test_plausibility_precision_equals_brute_force():
+    g = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        n = 6
+        y = torch.randint(0, 2, (n,), generator=g)
+        y[0], y[1] = 1, 0
+        s = torch.randint(-2, 3, (n,), generator=g).float()  # ties on purpose
+        got = F.plausibility_precision(s[None], y[None])
+        assert got.item() == pytest.approx(_precision_brute_force(y.numpy(), s.abs().numpy()))
+
+
+def test_plausibility_of_random_scores_is_zero_and_of_the_truth_one():
+    g = torch.Generator().manual_seed(11)
+    rows, n = 4000, 13
+    labels = (torch.rand(rows, n, generator=g) < 0.8).long()
+    labels[:, 0], labels[:, 1] = 1, 0  # both classes on every row
+    labels[:, 2] = -1  # an ignored token
+    noise = torch.randn(rows, n, generator=g)
+    for fn in (F.plausibility_auprc, F.plausibility_precision):
+        assert fn(labels.float(), labels).tolist() == [1.0] * rows  # the indicator itself
+        assert abs(fn(noise, labels).mean().item()) < 0.02  # random: 0 in expectation
+        assert fn(torch.ones(rows, n), labels).abs().max().item() < 0.3  # constant: no order
+        assert fn(-labels.float() + 5, labels).max().item() < 0  # the wrong tokens on top
+    # Constant scores carry no ranking: their R-precision is exactly the base rate.
+    assert F.plausibility_precision(torch.ones(rows, n), labels).abs().max().item() < 1e-12
+
+
 def test_shapley_plausibility_and_randomization_equal_references():
     g = torch.Generator().manual_seed(9)
     mask = torch.arange(7)[None] < torch.tensor([7, 4, 2, 5])[:, None]
@@ -359,7 +587,9 @@ def test_shapley_plausibility_and_randomization_equal_references():
         if r != 2:
             y = labels[r][labels[r] >= 0].numpy()
             sc = s[r][labels[r] >= 0].abs().numpy()
-            assert ap[r].item() == pytest.approx(sklearn.metrics.average_precision_score(y, sc))
+            expected = _random_ap_brute_force(y)
+            ref = (sklearn.metrics.average_precision_score(y, sc) - expected) / (1 - expected)
+            assert ap[r].item() == pytest.approx(ref)
     nan_row = torch.full((1, 7), math.nan)
     assert F.shapley_error(s[:1], nan_row, mask[:1]).isnan().all()
 
@@ -385,8 +615,16 @@ def _class_cases(problem, scores, scores2, labels):
                           lambda: F.insertion_auc(problem, scores)),
         "loo_kendall_tau": (lambda: LooKendallTau(), inputs,
                             lambda: F.loo_kendall_tau(problem, scores)),
-        "infidelity": (lambda: Infidelity(4, 0.2), inputs,
-                       lambda: F.infidelity(problem, scores, 4, 0.2)),
+        "deletion_auc_normalised": (lambda: DeletionAUCNormalised(0.5), inputs,
+            lambda: F.deletion_auc_normalised_from_curves(F.erasure_curves(problem, scores), 0.5)),
+        "insertion_auc_normalised": (lambda: InsertionAUCNormalised(0.5), inputs,
+            lambda: F.insertion_auc_normalised_from_curves(F.erasure_curves(problem, scores), 0.5)),
+        "soft_sufficiency": (lambda: SoftSufficiency(3), inputs,
+            lambda: F.soft_sufficiency_from(F.soft_erasure(problem, scores, 3))),
+        "soft_comprehensiveness": (lambda: SoftComprehensiveness(3), inputs,
+            lambda: F.soft_comprehensiveness_from(F.soft_erasure(problem, scores, 3))),
+        "infidelity": (lambda: Infidelity(4, "gaussian", noise_std=0.2), inputs,
+                       lambda: F.infidelity(problem, scores, 4, "gaussian", noise_std=0.2).sqrt()),
         "max_sensitivity": (lambda: MaxSensitivity(0.05, 3), inputs,
                             lambda: F.max_sensitivity(problem, scores, method, 0.05, 3)),
         "completeness_error": (lambda: CompletenessError(), inputs,
@@ -395,6 +633,8 @@ def _class_cases(problem, scores, scores2, labels):
                           lambda: F.shapley_error(scores, scores2, mask)),
         "plausibility_auprc": (lambda: PlausibilityAUPRC(), inputs,
                                lambda: F.plausibility_auprc(scores, labels)),
+        "plausibility_precision": (lambda: PlausibilityPrecision(), inputs,
+                                   lambda: F.plausibility_precision(scores, labels)),
         "randomization_spearman": (lambda: RandomizationSpearman(), inputs,
                                    lambda: F.randomization_spearman(scores, scores2, mask)),
         "plausibility_top1": (lambda: PlausibilityTop1(), inputs,
@@ -452,8 +692,8 @@ def test_a_metric_missing_what_it_needs_says_which():
 
 def test_what_a_metric_applies_to_is_declared_on_its_class():
     assert {
-        "completeness_error": frozenset({"integrated_gradients"}),
-        "shapley_error": frozenset({"kernel_shap", "shapley_sampling"}),
+        "completeness_error": frozenset({"integrated_gradients", "random"}),
+        "shapley_error": frozenset({"kernel_shap", "shapley_sampling", "random"}),
     } == APPLIES_TO
     assert applies("shapley_error", "kernel_shap") and not applies("shapley_error", "occlusion")
     assert applies("deletion_auc", "anything")

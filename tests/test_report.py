@@ -421,6 +421,8 @@ def test_report_of_a_real_run(tmp_path: Path) -> None:
     assert len(list((out / "figures").glob("heatmap_*.png"))) == 4
     assert len(page.find("img")) == 4 + 3
     assert len(page.find("tr", "metrics")) == 1 + 2
+    assert len(page.find("tr", "checks")) == 1 + len(run.checks) and run.checks
+    assert "Metric checks" in text
     assert "http://" not in text and "https://" not in text
     for line in erasure_curves_figure(run).axes[0].get_lines():
         assert line.get_ydata()[0] == pytest.approx(1.0)

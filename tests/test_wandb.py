@@ -17,7 +17,13 @@ import pytest
 from _wandb_reader import read_run
 
 from tokattr.cli import main
-from tokattr.lightning.wandb_log import HEATMAP_SIZE, SUMMARY_COLUMNS, TOKEN_COLUMNS
+from tokattr.lightning.wandb_log import (
+    CHECK_COLUMNS,
+    HEATMAP_SIZE,
+    SUMMARY_COLUMNS,
+    TOKEN_COLUMNS,
+)
+from tokattr.sanity import SANITY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).parent / "wandb")
@@ -94,6 +100,17 @@ def test_the_offline_run_holds_every_figure_and_table(run_dir):
     table = json.loads(metrics.read_text())
     assert table["columns"] == SUMMARY_COLUMNS
     assert len(table["data"]) == len(metric_rows)
+    with (run_dir / "metric_sanity.csv").open() as f:
+        sanity_rows = list(csv.DictReader(f))
+    (sanity,) = _media(run, "table", "metric_sanity")
+    table = json.loads(sanity.read_text())
+    assert table["columns"] == list(SANITY_COLUMNS)
+    assert len(table["data"]) == len(sanity_rows) > 0
+    assert {row[1] for row in table["data"]} == {"occlusion", "saliency"}  # random: the control
+    (checks,) = _media(run, "table", "metric_checks")
+    table = json.loads(checks.read_text())
+    assert table["columns"] == list(CHECK_COLUMNS)
+    assert {row[0] for row in table["data"]} == {r["metric"] for r in sanity_rows}
     (agreement,) = _media(run, "table", "agreement_table")
     table = json.loads(agreement.read_text())
     assert table["columns"] == ["method", *METHODS] and len(table["data"]) == 3

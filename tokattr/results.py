@@ -7,7 +7,9 @@ Layout of a run's ``out_dir``:
   the file is opened again and skipped when read.
 - ``attributions.jsonl`` — the merged rows, one per (example, method), in data-set order.
 - ``metrics.csv`` — ``method, metric, k, mean, ci_low, ci_high, higher_is_better, n``.
-- ``summary.md`` — the method x metric table.
+- ``metric_sanity.csv`` — ``metric, method, effect, ci_low, ci_high, discriminates``: each
+  method against the ``random`` control (:mod:`tokattr.sanity`).
+- ``summary.md`` — the method x metric table, the metric checks and the cost per method.
 - ``run.json`` — what identifies the run (model and a hash of its weights and tokenizer,
   data, methods, metrics, …); a resumed run must match it.
 - ``.lock`` — locked (``flock``) while a run works on ``out_dir``, with its pid and host: a
@@ -30,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tokattr.rows import ResultRow, RunIdentity
+from tokattr.sanity import sanity_markdown, write_sanity_csv
 from tokattr.table import EvaluationTable, table_from_values
 
 
@@ -199,7 +202,7 @@ def check_run(out_dir: str | Path, identity: RunIdentity, overwrite: bool) -> No
     run_file.write_text(json.dumps(identity.to_json(), indent=1, sort_keys=True) + "\n")
 
 
-OUTPUTS = ("attributions.jsonl", "metrics.csv", "summary.md")
+OUTPUTS = ("attributions.jsonl", "metrics.csv", "metric_sanity.csv", "summary.md")
 
 
 def merge(
@@ -230,21 +233,37 @@ def merge(
             f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
     tmp.replace(out / "attributions.jsonl")
 
-    values: dict[tuple[str, str], list[torch.Tensor]] = {}
+    # One value per example of the data set for every (method, metric), NaN where a method
+    # has no value (an error row): the examples stay aligned across methods, so the metric
+    # checks compare each method with the control on the same examples.
+    widths: dict[str, int] = {}
+    for row in ordered:
+        for name, v in row.metrics.items():
+            widths.setdefault(name, len(v) if isinstance(v, list) else 0)
+    stacked: dict[tuple[str, str], torch.Tensor] = {}
     for m in methods:
-        for e in example_ids:
-            for name, v in rows[(e, m)].metrics.items():
-                per_k = isinstance(v, list)  # one value per token fraction -> a row of [n, K]
-                t = torch.tensor(
-                    [math.nan if x is None else x for x in (v if per_k else [v])],
-                    dtype=torch.float64,
-                )
-                values.setdefault((m, name), []).append(t if per_k else t[0])
-    stacked = {k: torch.stack(v) for k, v in values.items()}
+        for name, width in widths.items():
+            if not any(name in rows[(e, m)].metrics for e in example_ids):
+                continue  # a metric that does not apply to the method
+            column = []
+            for e in example_ids:
+                v = rows[(e, m)].metrics.get(name)
+                if v is None:
+                    column.append(torch.full((width,) if width else (), math.nan))
+                    continue
+                x = [math.nan if y is None else y for y in (v if width else [v])]
+                t = torch.tensor(x, dtype=torch.float64)
+                column.append(t if width else t[0])
+            stacked[(m, name)] = torch.stack(column).double()
     table = table_from_values(stacked, metric_params, n_bootstrap)
     table.to_csv(out / "metrics.csv")
+    write_sanity_csv(out / "metric_sanity.csv", table.sanity)
     cost = cost_markdown(ordered, methods)
-    (out / "summary.md").write_text(table.to_markdown() + "\n\n" + cost + "\n", encoding="utf-8")
+    parts = [table.to_markdown()]
+    if table.sanity:
+        parts.append(sanity_markdown(table.checks, table.sanity))
+    parts.append(cost)
+    (out / "summary.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return table
 
 

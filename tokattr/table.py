@@ -20,6 +20,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from tokattr.attribution import Attribution
+    from tokattr.sanity import MetricCheck, Separation
 
 CSV_COLUMNS = ("method", "metric", "k", "mean", "ci_low", "ci_high", "higher_is_better", "n")
 """The columns of ``metrics.csv``, one row per (method, metric, k)."""
@@ -53,6 +54,17 @@ class EvaluationTable:
     rows: list[MetricRow]
     values: dict[tuple[str, str, str], Tensor] = field(repr=False)  # [n examples] float64
     attributions: dict[str, list[Attribution]] = field(repr=False)
+    sanity: list[Separation] = field(default_factory=list, repr=False)
+    """Each method against the ``random`` control per metric (:mod:`tokattr.sanity`), where
+    the table has the control."""
+
+    @property
+    def checks(self) -> list[MetricCheck]:
+        """One check per metric (:func:`tokattr.sanity.metric_checks`), empty without a
+        control."""
+        from tokattr.sanity import metric_checks
+
+        return metric_checks(self.rows, self.sanity) if self.sanity else []
 
     def get(self, method: str, metric: str, k: str | None = None) -> MetricRow:
         """The row of ``method`` and ``metric`` (``k`` defaults to ``"aopc"`` for the ERASER
@@ -76,8 +88,11 @@ class EvaluationTable:
                 columns.append((r.metric, r.k, r.higher_is_better))
         methods = list(dict.fromkeys(r.method for r in self.rows))
         cells = {(r.method, r.metric, r.k): r for r in self.rows}
+        checks = {c.metric: c for c in self.checks}
+        flagged = {m for m, c in checks.items() if c.flagged}
         head = ["method"] + [
             f"{m}{'' if k in ('', 'aopc') else '@' + k} {'↑' if hi else '↓'}"
+            + (" ⚠" if m in flagged and k in ("", "aopc") else "")
             for m, k, hi in columns
         ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,6 +102,16 @@ class EvaluationTable:
                 r = cells.get((method, m, k))
                 row.append("—" if r is None or r.n == 0 else _cell(r))
             lines.append("| " + " | ".join(row) + " |")
+        if checks:
+            from tokattr.sanity import CONTROL
+
+            told = [
+                f"{checks[m].discriminated}/{checks[m].methods}"
+                if m in checks and k in ("", "aopc") and checks[m].methods
+                else ""
+                for m, k, _ in columns
+            ]
+            lines.append(f"| *told from {CONTROL}* | " + " | ".join(told) + " |")
         lines.append("")
         lines.append(
             "↑ higher is better, ↓ lower is better; mean over examples [95% bootstrap interval]; "
@@ -94,7 +119,28 @@ class EvaluationTable:
             + ", ".join(dict.fromkeys(r.k for r in self.rows if r.k not in ("", "aopc")))
             + " of the prompt tokens); — : does not apply."
         )
+        if flagged:
+            from tokattr.sanity import CONTROL, NOT_DISCRIMINATING
+
+            lines.append(
+                f"⚠ {NOT_DISCRIMINATING}: " + ", ".join(sorted(flagged)) + f" (no method's "
+                f"paired 95% interval against {CONTROL} excludes 0; see the metric checks)."
+            )
+        partial = sorted(
+            {(r.metric, r.n) for r in self.rows if r.k in ("", "aopc") and 0 < r.n < self.n_max}
+        )
+        if partial:
+            lines.append(
+                f"Defined on fewer than the {self.n_max} examples: "
+                + ", ".join(f"{m} (n = {n})" for m, n in partial)
+                + "; the rest are undefined for that metric and left out."
+            )
         return "\n".join(lines)
+
+    @property
+    def n_max(self) -> int:
+        """The most examples any cell is computed over (the run's scored examples)."""
+        return max((r.n for r in self.rows), default=0)
 
     def to_csv(self, path: str | Path) -> Path:
         """Write :data:`CSV_COLUMNS`, one line per row."""
@@ -174,6 +220,7 @@ def table_from_values(
 ) -> EvaluationTable:
     """The method x metric table of per-example values ``{(method, metric): [n] or [n, K]}``."""
     from tokattr.metrics import METRICS
+    from tokattr.sanity import separations
 
     rows, out = [], {}
     for (method, name), v in values.items():
@@ -188,4 +235,10 @@ def table_from_values(
             higher = METRICS[name].higher_is_better
             rows.append(MetricRow(method, name, k, mean, low, high, higher, n))
             out[(method, name, k)] = col
-    return EvaluationTable(rows=rows, values=out, attributions=attributions or {})
+    higher = {name: METRICS[name].higher_is_better for _, name in values}
+    return EvaluationTable(
+        rows=rows,
+        values=out,
+        attributions=attributions or {},
+        sanity=separations(out, higher, n_bootstrap),
+    )

@@ -43,19 +43,21 @@ def token_roles(offsets: Sequence[tuple[int, int]], text: str, roles: Sequence[s
     return [role_of_span(text, roles, s, e) for s, e in offsets]
 
 
-RELEVANT = frozenset({OPERAND, OPERATOR})
-"""Roles of the tokens an arithmetic answer depends on (plausibility positives)."""
-IRRELEVANT = frozenset({FORMATTING})
-"""Roles of tokens that cannot change the answer (plausibility negatives)."""
+RELEVANT = frozenset({OPERAND, OPERATOR, SIGN, DECIMAL_POINT})
+"""Roles of the tokens an arithmetic answer depends on (plausibility positives): an operand's
+digits, sign and decimal point, and the operator; changing any of them changes the value."""
+IRRELEVANT = frozenset({FORMATTING, DEMONSTRATION})
+"""Roles of tokens that cannot change the answer (plausibility negatives): formatting (``$``,
+thousands ``,``, spaces) and the solved demonstrations before the query. ``=`` is neither."""
 
 
 def relevance(
     prompt: str, offsets: Sequence[tuple[int, int]], roles: Sequence[str] | None = None
 ) -> list[int] | None:
-    """Ground truth per token for plausibility: 1 for operand digits and operators, 0 for
-    formatting (``$``, ``,``, spaces), -1 for every other token. ``roles``: the prompt's
-    per-character roles (from the generator); ``None``: parsed from the prompt, and ``None``
-    returned for a prompt the arithmetic parser does not read."""
+    """Ground truth per token for plausibility: 1 for the roles in :data:`RELEVANT`, 0 for
+    those in :data:`IRRELEVANT`, -1 for ``=`` (the cue to answer, of neither kind).
+    ``roles``: the prompt's per-character roles (from the generator); ``None``: parsed from
+    the prompt, and ``None`` returned for a prompt the arithmetic parser does not read."""
     if roles is None:
         try:
             roles = label_prompt(prompt)

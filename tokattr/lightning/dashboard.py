@@ -15,6 +15,8 @@ Sections, top to bottom:
 - **Live progress**: examples done per method, the fraction of the run done, seconds per
   example, errors, and the running mean of each metric per method, against the step (rows
   done), as they were logged batch by batch.
+- **Metric checks**: each metric against the ``random`` control (``metric_checks``, one row
+  per metric; ``metric_sanity``, one per metric and method; :mod:`tokattr.sanity`).
 - **Faithfulness curves**: the mean deletion / insertion curves (table and figure).
 - **Cost**: time and model evaluations per method.
 - **Examples**: one token heatmap image per example and method, all of one size
@@ -106,6 +108,7 @@ def build_workspace(
         ws.Section(name="Leaderboard", is_open=True,
                    panels=[*leaderboard, *tables("metrics"), *images("metrics_chart")]),
         ws.Section(name="Live progress", is_open=True, panels=progress),
+        ws.Section(name="Metric checks", panels=tables("metric_checks", "metric_sanity")),
         ws.Section(name="Faithfulness curves",
                    panels=[*tables("erasure_curves_table"), *images("erasure_curves")]),
         ws.Section(name="Cost", panels=tables("cost")),

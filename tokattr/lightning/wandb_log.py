@@ -31,11 +31,14 @@ from tokattr.report import (
     metrics_figure,
 )
 from tokattr.results import method_costs
+from tokattr.sanity import SANITY_COLUMNS
 from tokattr.table import CSV_COLUMNS
 
 TOKEN_COLUMNS = ["example_id", "method", "position", "token", "label", "score"]
 SUMMARY_COLUMNS = [c for c in CSV_COLUMNS if c != "n"]
 """The columns of ``metrics.csv`` but the example count."""
+CHECK_COLUMNS = ("metric", "methods", "discriminated", "resolution", "rank_agreement", "flagged")
+"""The columns of the ``metric_checks`` table: one row per metric (:mod:`tokattr.sanity`)."""
 
 
 RUN_ID_FILE = "run_id"
@@ -120,9 +123,10 @@ def log_run(
     max_heatmaps: int = 12,
     finish: bool = True,
 ) -> LoggedRun:
-    """Log a finished run: the summary table, headline metrics and a bar chart per headline
-    metric; per-token scores; a table of examples with one token heatmap image (all of one
-    size) per example and method; the deletion / insertion curves as line series; the
+    """Log a finished run: the summary table, the metric checks (``metric_sanity`` and
+    ``metric_checks``), headline metrics and a bar chart per headline metric; per-token
+    scores; a table of examples with one token heatmap image (all of one size) per example
+    and method; the deletion / insertion curves as line series; the
     agreement matrix; the cost per method; the matplotlib figures of ``report.html``.
     Returns what was logged.
     """
@@ -148,6 +152,13 @@ def log_run(
 
     summary = [[getattr(r, c) for c in SUMMARY_COLUMNS] for r in run.metrics]
     log({"metrics": wandb.Table(columns=SUMMARY_COLUMNS, data=summary)})
+    if run.sanity:  # the metric checks (tokattr.sanity): per method, then per metric
+        sanity = [[getattr(s, c) for c in SANITY_COLUMNS] for s in run.sanity]
+        log({"metric_sanity": wandb.Table(columns=list(SANITY_COLUMNS), data=sanity)})
+        log({"metric_checks": wandb.Table(
+            columns=list(CHECK_COLUMNS),
+            data=[[getattr(c, k) for k in CHECK_COLUMNS[:-1]] + [c.flagged] for c in run.checks],
+        )})  # fmt: skip
     headline = [r for r in run.metrics if r.k in ("", "aopc") and r.n > 0]
     log({f"{r.method}/{r.metric}": r.mean for r in headline})
     charts = {}

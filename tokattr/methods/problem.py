@@ -333,6 +333,48 @@ class AttributionProblem:
         out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
         return torch.empty_like(out).index_copy_(0, order, out)
 
+    @torch.no_grad()
+    def evaluate_soft(
+        self, rows: Tensor, keep_prob: Tensor, uniforms: Callable[[int], Tensor]
+    ) -> Tensor:
+        """The target with each feature token's embedding kept element by element: element
+        ``e`` of a token of feature ``j`` keeps the input's value where ``u_e < keep_prob[j]``
+        and takes the baseline's otherwise (Zhao & Aletras's soft removal, with the problem's
+        baseline in place of their zero vector). Non-feature columns stay as they are.
+
+        Args:
+            rows: ``[n]`` which row each perturbation belongs to.
+            keep_prob: ``[n, k]`` the keep probability of the row's j-th feature.
+            uniforms: ``i -> [t, d_model]`` the draws ``u`` of perturbation ``i`` (one row per
+                feature token of its row, in column order; :meth:`token_columns`), so that a
+                perturbation does not depend on the batch it is computed in.
+
+        Returns:
+            ``[n]`` target scores.
+        """
+        device = self.embeds.device
+        rows = rows.to(device)
+        keep_prob = keep_prob.to(device=device, dtype=torch.float32)
+        token_cols, n_tokens = self.token_columns()
+        order = self.by_length(rows)
+
+        def run(i: int, j: int) -> Tensor:
+            idx = order[i:j]
+            r = rows[idx]  # [chunk]
+            cols = self.trim(r)
+            col_q = self.scale_columns(r, keep_prob[idx])  # [chunk, seq], 1 off the features
+            u = torch.zeros(len(r), self.embeds.shape[1], self.embeds.shape[2], device=device)
+            for c, (row, pert) in enumerate(zip(r.tolist(), idx.tolist(), strict=True)):
+                t = int(n_tokens[row])
+                u[c, token_cols[row, :t].to(device)] = uniforms(pert).to(device)
+            keep = u[:, cols] < col_q[:, cols, None]
+            x = torch.where(keep, self.embeds[r, cols], self.baselines[r, cols])
+            with torch.inference_mode():  # faster; the result is copied out of it below
+                return self.forward(x, self.inputs.select(r, cols))
+
+        out = torch.cat(chunked(rows.shape[0], self.batch_size, run))  # [n] in length order
+        return torch.empty_like(out).index_copy_(0, order, out)
+
     def value_and_grad(self, x: Tensor, rows: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
         """The target at ``x`` ``[n, len(cols), d_model]`` (inputs of ``rows`` on ``cols``)
         and its gradient with respect to ``x``. ``[n]`` (detached), ``[n, len(cols), d_model]``.

@@ -126,9 +126,9 @@ class Sufficiency(_ByFraction):
 
 
 class DeletionAUC(_FromCurves):
-    """Area under the normalised deletion curve (Petsiuk et al., BMVC 2018): tokens removed
-    in attribution order, ``f`` rescaled to 1 at the full prompt and 0 at the baseline.
-    Lower is better."""
+    """Area under the deletion curve in units of ``f`` (Petsiuk et al., BMVC 2018): features
+    removed in attribution order, the area of ``f - f(baseline)`` over the fraction removed
+    (nats for the default log-probability target). Lower is better."""
 
     higher_is_better = False
     name = "deletion_auc"
@@ -138,7 +138,7 @@ class DeletionAUC(_FromCurves):
 
 
 class InsertionAUC(_FromCurves):
-    """Area under the normalised insertion curve (Petsiuk et al., BMVC 2018): tokens
+    """Area under the insertion curve in units of ``f`` (Petsiuk et al., BMVC 2018): features
     inserted into the baseline in attribution order. Higher is better."""
 
     higher_is_better = True
@@ -146,6 +146,77 @@ class InsertionAUC(_FromCurves):
 
     def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
         return F.insertion_auc_from_curves(curves)
+
+
+class _Normalised(_FromCurves):
+    """Abstract: an erasure area on ``f`` rescaled by ``f(x) - f(baseline)``, kept only where
+    that gap is at least ``min_gap`` (in units of ``f``)."""
+
+    def __init__(self, min_gap: float = 1.0, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not min_gap > 0:
+            raise ValueError(f"{self.name}: min_gap must be > 0, got {min_gap!r}")
+        self.min_gap = float(min_gap)
+
+
+class DeletionAUCNormalised(_Normalised):
+    """Area under the deletion curve with ``f`` rescaled to 1 at the full prompt and 0 with
+    every feature removed (Petsiuk et al., BMVC 2018), on the examples where ``|f(x) -
+    f(baseline)| >= min_gap`` (the others are left out and counted). Lower is better."""
+
+    higher_is_better = False
+    name = "deletion_auc_normalised"
+
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.deletion_auc_normalised_from_curves(curves, self.min_gap)
+
+
+class InsertionAUCNormalised(_Normalised):
+    """Area under the rescaled insertion curve (0 with no feature, 1 with all), on the
+    examples where ``|f(x) - f(baseline)| >= min_gap``. Higher is better."""
+
+    higher_is_better = True
+    name = "insertion_auc_normalised"
+
+    def _from_curves(self, curves: F.ErasureCurves) -> Tensor:
+        return F.insertion_auc_normalised_from_curves(curves, self.min_gap)
+
+
+class _Soft(PerExampleMetric):
+    """Abstract: a soft-erasure metric (Zhao & Aletras, ACL 2023) over ``n_samples`` masks."""
+
+    higher_is_better = True
+
+    def __init__(self, n_samples: int = 8, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"{self.name}: n_samples must be an integer >= 1, got {n_samples!r}")
+        self.n_samples = n_samples
+
+
+class SoftSufficiency(_Soft):
+    """Soft normalised sufficiency, Soft-NS (Zhao & Aletras, "Incorporating Attribution
+    Importance for Improving Faithfulness Metrics", ACL 2023): each feature's embedding
+    elements kept with probability its min-max normalised importance, the rest set to the
+    baseline; how much of the answer's probability above the empty prompt's survives.
+    Higher is better."""
+
+    name = "soft_sufficiency"
+
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.soft_sufficiency_from(inputs.soft(self.n_samples))
+
+
+class SoftComprehensiveness(_Soft):
+    """Soft normalised comprehensiveness, Soft-NC (Zhao & Aletras, ACL 2023): each feature's
+    embedding elements kept with probability one minus its normalised importance; the drop
+    of the answer's probability, over the drop with every feature removed. Higher is
+    better."""
+
+    name = "soft_comprehensiveness"
+
+    def per_batch(self, inputs: MetricInputs) -> Tensor:
+        return F.soft_comprehensiveness_from(inputs.soft(self.n_samples))
 
 
 class LooKendallTau(PerExampleMetric):
@@ -162,35 +233,52 @@ class LooKendallTau(PerExampleMetric):
 
 class Infidelity(PerExampleMetric):
     """Infidelity (Yeh et al., NeurIPS 2019) as ``captum.metrics.infidelity`` computes it,
-    with Gaussian perturbations of each token along its baseline-to-input segment (see
-    :func:`tokattr.metrics.functional.infidelity`). Lower is better."""
+    reported as its square root: the root-mean-square gap, in units of ``f``, between the
+    drop the (optimally rescaled) scores predict for a perturbation and the drop that
+    happens. Perturbations remove each feature with probability ``remove_prob`` (or, with
+    ``perturbation="gaussian"``, move every feature by ``N(0, noise_std^2)`` along its
+    baseline-to-input segment); see :func:`tokattr.metrics.functional.infidelity`. Lower is
+    better."""
 
     higher_is_better = False
     name = "infidelity"
 
     def __init__(
         self,
-        n_perturb_samples: int = 16,
+        n_perturb_samples: int = 32,
+        perturbation: str = "removal",
+        remove_prob: float = 0.25,
         noise_std: float = 0.1,
         normalize: bool = True,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
-        if n_perturb_samples < 1 or noise_std <= 0:
+        if n_perturb_samples < 1 or noise_std <= 0 or not 0 < remove_prob < 1:
             raise ValueError(
-                "infidelity: n_perturb_samples must be >= 1 and noise_std > 0, got "
-                f"{n_perturb_samples!r}, {noise_std!r}"
+                "infidelity: n_perturb_samples must be >= 1, noise_std > 0 and 0 < remove_prob "
+                f"< 1, got {n_perturb_samples!r}, {noise_std!r}, {remove_prob!r}"
             )
-        self.n_perturb_samples, self.noise_std, self.normalize = (
-            n_perturb_samples,
-            noise_std,
-            normalize,
-        )
+        if perturbation not in F.PERTURBATIONS:
+            raise ValueError(
+                f"infidelity: perturbation must be one of {F.PERTURBATIONS}, got {perturbation!r}"
+            )
+        self.n_perturb_samples, self.perturbation = n_perturb_samples, perturbation
+        self.remove_prob, self.noise_std, self.normalize = remove_prob, noise_std, normalize
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
-        return F.infidelity(
-            inputs.problem, inputs.scores, self.n_perturb_samples, self.noise_std, self.normalize
-        )
+        return (
+            F.infidelity(
+                inputs.problem,
+                inputs.scores,
+                self.n_perturb_samples,
+                self.perturbation,
+                self.remove_prob,
+                self.noise_std,
+                self.normalize,
+            )
+            .clamp(min=0)
+            .sqrt()
+        )  # Captum's expanded square can round below 0 on a perfect fit
 
 
 class MaxSensitivity(PerExampleMetric):
@@ -223,11 +311,11 @@ class MaxSensitivity(PerExampleMetric):
 class CompletenessError(PerExampleMetric):
     """Relative completeness error of Integrated Gradients (Sundararajan et al., ICML 2017):
     ``|sum(scores) - (f(x) - f(baseline))| / |f(x) - f(baseline)|``. Lower is better.
-    Reported for ``integrated_gradients`` only."""
+    Reported for ``integrated_gradients``, and for ``random`` as the control."""
 
     higher_is_better = False
     name = "completeness_error"
-    applies_to = frozenset({"integrated_gradients"})
+    applies_to = frozenset({"integrated_gradients", "random"})  # random: the control
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
         return F.completeness_error(inputs.problem, inputs.scores)
@@ -241,7 +329,7 @@ class ShapleyError(PerExampleMetric):
     higher_is_better = False
     name = "shapley_error"
     needs = frozenset({"exact_shapley"})
-    applies_to = frozenset({"kernel_shap", "shapley_sampling"})
+    applies_to = frozenset({"kernel_shap", "shapley_sampling", "random"})  # random: the control
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
         exact = inputs.need("exact_shapley", self.name)
@@ -262,12 +350,23 @@ class _AgainstLabels(PerExampleMetric):
 
 
 class PlausibilityAUPRC(_AgainstLabels):
-    """AUPRC of ``|score|`` for the relevant features (label 1: operand and operator tokens,
-    or known source features) against the irrelevant ones (label 0: formatting tokens, the
-    other features). Higher is better."""
+    """Normalised AUPRC of ``|score|`` for the relevant features (label 1: an arithmetic
+    operand's digits, sign and decimal point and the operator, or a lookup's source) against
+    the irrelevant ones (label 0: formatting, demonstrations, the other segments):
+    ``(AP - E[AP]) / (1 - E[AP])``, 0 for random scores and 1 for the relevant features on
+    top. Higher is better."""
 
     name = "plausibility_auprc"
     score = staticmethod(F.plausibility_auprc)
+
+
+class PlausibilityPrecision(_AgainstLabels):
+    """Normalised top-k precision (k = the number of relevant features): the share of the
+    top-k that is relevant, rescaled so that random scores 0 and the relevant features on
+    top 1. Higher is better."""
+
+    name = "plausibility_precision"
+    score = staticmethod(F.plausibility_precision)
 
 
 class PlausibilityTop1(_AgainstLabels):

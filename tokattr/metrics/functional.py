@@ -34,10 +34,11 @@ from tokattr.metrics.ranking import (
     FRACTIONS,
     GAP_EPS,
     attribution_ranks,
-    average_precision,
     kendall_tau,
     normalised_auc,
+    normalised_average_precision,
     normalised_curve,
+    normalised_precision_at_positives,
     spearman,
     top_k_sizes,
 )
@@ -128,21 +129,44 @@ def sufficiency_from_curves(
     return curves.deletion[:, :1] - curves.insertion.gather(1, k)
 
 
-def _normalised(curves: ErasureCurves, curve: Tensor) -> Tensor:
-    return normalised_curve(curve, curves.deletion[:, 0], curves.insertion[:, 0])
-
-
 def deletion_auc_from_curves(curves: ErasureCurves) -> Tensor:
-    """Area under the deletion curve normalised to ``(f - f(baseline)) / (f(x) -
-    f(baseline))`` (1 at the start, 0 when every token is gone) over the fraction removed.
-    Lower is better. ``[batch]`` float64, NaN where ``f(x) = f(baseline)``."""
-    return normalised_auc(_normalised(curves, curves.deletion), curves.n)
+    """Area under the deletion curve in units of ``f`` (nats for the default log-probability
+    target): ``integral_0^1 f(x without its top t) - f(baseline) dt``, ``t`` the fraction of
+    features removed (trapezoids, one per feature). A method whose top features take ``f``
+    down soonest scores least. Lower is better; negative where erasing part of the prompt
+    takes ``f`` below its value with every feature gone. ``[batch]`` float64."""
+    fb = curves.insertion[:, 0]
+    return normalised_auc(curves.deletion - fb[:, None], curves.n)
 
 
 def insertion_auc_from_curves(curves: ErasureCurves) -> Tensor:
-    """Area under the normalised insertion curve (0 with no token, 1 with all). Higher is
+    """Area under the insertion curve in units of ``f``: ``integral_0^1 f(baseline with the
+    top t inserted) - f(baseline) dt``. Higher is better. ``[batch]`` float64."""
+    fb = curves.insertion[:, 0]
+    return normalised_auc(curves.insertion - fb[:, None], curves.n)
+
+
+def _normalised(curves: ErasureCurves, curve: Tensor, min_gap: float) -> Tensor:
+    fx, fb = curves.deletion[:, 0], curves.insertion[:, 0]
+    norm = normalised_curve(curve, fx, fb)
+    wide = (fx - fb).abs() >= min_gap
+    return torch.where(wide[:, None], norm, torch.full_like(norm, math.nan))
+
+
+def deletion_auc_normalised_from_curves(curves: ErasureCurves, min_gap: float = 1.0) -> Tensor:
+    """The deletion area with ``f`` rescaled to ``(f - f(baseline)) / (f(x) - f(baseline))``
+    (1 at the full prompt, 0 with every feature removed; Petsiuk et al., 2018), only where
+    ``|f(x) - f(baseline)| >= min_gap`` (NaN elsewhere: the rescaling divides by that gap, and
+    a gap near 0 turns noise into areas of any size and either sign). Lower is better.
+    ``[batch]`` float64."""
+    return normalised_auc(_normalised(curves, curves.deletion, min_gap), curves.n)
+
+
+def insertion_auc_normalised_from_curves(curves: ErasureCurves, min_gap: float = 1.0) -> Tensor:
+    """The insertion area on the rescaled ``f`` of :func:`deletion_auc_normalised_from_curves`
+    (0 with no feature, 1 with all), NaN where ``|f(x) - f(baseline)| < min_gap``. Higher is
     better. ``[batch]`` float64."""
-    return normalised_auc(_normalised(curves, curves.insertion), curves.n)
+    return normalised_auc(_normalised(curves, curves.insertion, min_gap), curves.n)
 
 
 def comprehensiveness(
@@ -160,13 +184,106 @@ def sufficiency(
 
 
 def deletion_auc(problem: AttributionProblem, scores: Tensor) -> Tensor:
-    """Normalised deletion AUC (Petsiuk et al., 2018). ``[batch]``"""
+    """Deletion AUC in units of ``f`` (Petsiuk et al., 2018). ``[batch]``"""
     return deletion_auc_from_curves(erasure_curves(problem, scores))
 
 
 def insertion_auc(problem: AttributionProblem, scores: Tensor) -> Tensor:
-    """Normalised insertion AUC (Petsiuk et al., 2018). ``[batch]``"""
+    """Insertion AUC in units of ``f`` (Petsiuk et al., 2018). ``[batch]``"""
     return insertion_auc_from_curves(erasure_curves(problem, scores))
+
+
+SOFT_SALT = 0x50F7
+"""Mixed into each row's seed for the soft-erasure masks (held out from the methods' draws)."""
+
+
+def soft_keep_probs(problem: AttributionProblem, scores: Tensor) -> Tensor:
+    """Each feature's importance min-max normalised to [0, 1] over its row's features (Zhao &
+    Aletras, 2023): the keep probability of its embedding's elements for soft sufficiency
+    (one minus it for soft comprehensiveness). NaN rows where every score is the same (no
+    ordering to follow). ``[batch, n_max]`` float64 on the CPU (0 past a row's features)."""
+    values, valid = feature_values(problem, scores)
+    values, valid = values.cpu().double(), valid.cpu()
+    lo = torch.where(valid, values, torch.full_like(values, math.inf)).amin(-1, keepdim=True)
+    hi = torch.where(valid, values, torch.full_like(values, -math.inf)).amax(-1, keepdim=True)
+    span = hi - lo
+    q = (values - lo) / span.clamp(min=1e-300)
+    q = torch.where(valid, q, torch.zeros_like(q))
+    return torch.where(span > 0, q, torch.full_like(q, math.nan))
+
+
+def soft_uniforms(problem: AttributionProblem, row: int, sample: int) -> Tensor:
+    """The uniform draws behind soft-erasure mask ``sample`` of ``row``: ``[t, d_model]``, one
+    row per feature token (:meth:`~tokattr.methods.problem.AttributionProblem.token_columns`),
+    from the row's seed (:data:`SOFT_SALT`), the same for every method and batch."""
+    t = int(problem.token_columns()[1][row])
+    seed = problem.seeds[row]
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(((seed + SOFT_SALT) * 1_000_003 + sample) % 2**63)
+    return torch.rand(t, problem.embeds.shape[-1], generator=gen)
+
+
+@dataclass(frozen=True)
+class SoftErasure:
+    """The target, on the probability scale of the paper where the target is a log-probability
+    (``exp f``; ``f`` itself otherwise), at the full prompt (``p``), with every feature
+    removed (``p0``), and for each of ``n_samples`` soft masks keeping the important features
+    (``kept``) or removing them (``removed``)."""
+
+    p: Tensor  # [batch] float64
+    p0: Tensor  # [batch]
+    kept: Tensor  # [batch, n_samples]
+    removed: Tensor  # [batch, n_samples]
+
+
+@torch.no_grad()
+def soft_erasure(problem: AttributionProblem, scores: Tensor, n_samples: int = 8) -> SoftErasure:
+    """The model evaluations behind soft sufficiency and comprehensiveness: ``n_samples``
+    masks per row, each evaluated with the features kept with probability ``q`` (the
+    normalised importance, :func:`soft_keep_probs`) and with probability ``1 - q``, from the
+    same draws (so the two are paired, and every method sees the same draws)."""
+    fx, fb = endpoints(problem)
+    q = soft_keep_probs(problem, scores)  # [batch, n_max]
+    q_filled = torch.nan_to_num(q, nan=0.5)  # rows without an order: NaN below, any draw
+    b = problem.n_rows
+    rows = torch.arange(b).repeat_interleave(n_samples)
+    pairs = [(r, s) for r in range(b) for s in range(n_samples)]
+
+    def uniforms(i: int) -> Tensor:
+        return soft_uniforms(problem, *pairs[i])
+
+    kept = problem.evaluate_soft(rows, q_filled[rows], uniforms).double().cpu()
+    removed = problem.evaluate_soft(rows, 1 - q_filled[rows], uniforms).double().cpu()
+    scale = torch.exp if problem.log_prob_target else (lambda t: t)
+    nan = q.isnan().any(-1)[:, None]
+    kept, removed = (
+        torch.where(nan, math.nan, scale(v.view(b, n_samples))) for v in (kept, removed)
+    )
+    return SoftErasure(scale(fx), scale(fb), kept, removed)
+
+
+def soft_sufficiency_from(e: SoftErasure) -> Tensor:
+    """Soft normalised sufficiency (Soft-NS, Zhao & Aletras, 2023), mean over the masks:
+    ``max(0, S(x') - S(0)) / (1 - S(0))`` with ``S(x') = 1 - max(0, p - p(x'))``, ``x'`` the
+    prompt with the features kept with probability ``q``, ``S(0)`` the sufficiency of the
+    empty prompt (every feature removed). Higher is better; NaN where ``p <= p0`` (removing
+    everything does not lower the answer: nothing to normalise by)."""
+    gap = (e.p - e.p0)[:, None]
+    s_soft = 1 - (e.p[:, None] - e.kept).clamp(min=0)
+    s_zero = 1 - gap.clamp(min=0)
+    ns = (s_soft - s_zero).clamp(min=0) / gap.clamp(min=1e-300)
+    return torch.where(gap[:, 0] > GAP_EPS, ns.mean(-1), torch.full_like(e.p, math.nan))
+
+
+def soft_comprehensiveness_from(e: SoftErasure) -> Tensor:
+    """Soft normalised comprehensiveness (Soft-NC, Zhao & Aletras, 2023), mean over the
+    masks: ``max(0, p - p(x')) / (1 - S(0))``, ``x'`` the prompt with the features kept with
+    probability ``1 - q`` (the important ones mostly removed). Higher is better; NaN where
+    ``p <= p0``."""
+    gap = (e.p - e.p0)[:, None]
+    nc = (e.p[:, None] - e.removed).clamp(min=0) / gap.clamp(min=1e-300)
+    return torch.where(gap[:, 0] > GAP_EPS, nc.mean(-1), torch.full_like(e.p, math.nan))
 
 
 def leave_one_out(problem: AttributionProblem) -> Tensor:
@@ -201,43 +318,79 @@ def relative_completeness_error(total: Tensor, fx: Tensor, fb: Tensor) -> Tensor
     return torch.where(gap.abs() > GAP_EPS, err, torch.full_like(err, math.nan))
 
 
-def _row_noise(problem: AttributionProblem, samples: int, width: int, kind: str) -> Tensor:
-    """``samples`` noise draws of ``[n, width]`` per row (``n``: its features, or with
-    ``kind="uniform"`` its feature tokens), each row from its own seed and sized by its own
-    count, so that a row's draws do not depend on its batch, its padding or its rank.
-    ``[batch * samples, n_max, width]`` (rows repeated in place, 0 past a row's count)."""
-    n = (problem.n_features if kind == "normal" else problem.token_columns()[1]).tolist()
+def _row_noise(
+    problem: AttributionProblem, samples: int, width: int, kind: str, salt: int = 0
+) -> Tensor:
+    """``samples`` noise draws of ``[n, width]`` per row, each row from its own seed (plus
+    ``salt``) and sized by its own count, so that a row's draws do not depend on its batch,
+    its padding or its rank. ``kind``: ``"normal"`` (standard normal per feature),
+    ``"unit"`` (uniform on [0, 1) per feature) or ``"uniform"`` (uniform on [-1, 1) per
+    feature token). ``[batch * samples, n_max, width]`` (rows repeated in place, 0 past a
+    row's count)."""
+    n = (problem.token_columns()[1] if kind == "uniform" else problem.n_features).tolist()
     out = torch.zeros(problem.n_rows * samples, max(n), width)
     for b in range(problem.n_rows):
         seed = problem.seeds[b]
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
-        draw = torch.randn if kind == "normal" else torch.rand
-        x = draw(samples, n[b], width, generator=gen)
-        out[b * samples : (b + 1) * samples, : n[b]] = x if kind == "normal" else 2 * x - 1
+        gen = None if seed is None else torch.Generator().manual_seed(seed + salt)
+        if kind == "normal":
+            x = torch.randn(samples, n[b], width, generator=gen)
+        else:
+            x = torch.rand(samples, n[b], width, generator=gen)
+            x = 2 * x - 1 if kind == "uniform" else x
+        out[b * samples : (b + 1) * samples, : n[b]] = x
     return out
+
+
+INFIDELITY_SALT = 0x1F1
+"""Mixed into each row's seed for infidelity's perturbations, so they are held out from the
+draws of seeded methods (``kernel_shap``'s coalitions) with the same row seed."""
+
+PERTURBATIONS = ("removal", "gaussian")
+"""Infidelity's perturbations (:func:`infidelity`)."""
 
 
 def infidelity(
     problem: AttributionProblem,
     scores: Tensor,
-    n_perturb_samples: int = 16,
+    n_perturb_samples: int = 32,
+    perturbation: str = "removal",
+    remove_prob: float = 0.25,
     noise_std: float = 0.1,
     normalize: bool = True,
 ) -> Tensor:
     """Infidelity (Yeh et al., 2019) through ``captum.metrics.infidelity``:
-    ``E_I[(I . s - (f(x) - f(x - I)))^2]``.
+    ``E_I[(I . s - (f(x) - f(x - I)))^2]`` with ``I`` a perturbation of the features'
+    positions on their baseline-to-input segments (token scores are attributions of exactly
+    that: IG's per-token scores sum to ``f(x) - f(baseline)`` along it).
 
-    Token scores are attributions of each token's position on its baseline-to-input segment
-    (IG's per-token scores are exactly that), so the perturbation ``I`` moves every token's
-    embedding along that segment by ``I_j ~ N(0, noise_std^2)`` (``x_j - I_j (x_j - b_j)``),
-    seeded per row. ``normalize`` (Captum's option) rescales the scores by the least-squares
-    optimal factor first, so methods whose scores differ only in scale score the same.
-    Lower is better. ``[batch]`` float64.
+    ``perturbation="removal"`` (the default): each feature is removed (moved to its baseline,
+    ``I_j = 1``) with probability ``remove_prob``, independently: Yeh et al.'s removal
+    perturbations (their "square removal" for images; over subsets, the explanation that
+    minimises infidelity is a Shapley-type value), so ``I . s`` is the drop the scores predict
+    for the removed set and ``f(x) - f(x - I)`` the drop that happens. ``"gaussian"``: every
+    feature moves by ``I_j ~ N(0, noise_std^2)`` along its segment; on a model that is sure of
+    its answer ``f`` barely moves for small steps and falls off a cliff for larger ones, so no
+    additive explanation fits it (the reason removal is the default; see docs/metrics.md).
+    Draws are seeded per row (:data:`INFIDELITY_SALT`), the same for every method.
+    ``normalize`` (Captum's option) rescales the scores by the least-squares optimal factor
+    first, so methods whose scores differ only in scale score the same.
+
+    Returns Captum's value, in squared units of ``f``; the ``infidelity`` metric reports its
+    square root. Lower is better. ``[batch]`` float64.
     """
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(
+            f"infidelity: perturbation must be one of {PERTURBATIONS}, got {perturbation!r}"
+        )
     values, valid = feature_values(problem, scores)
     values, valid = values.cpu(), valid.cpu()
     n_max = values.shape[1]
-    noise = _row_noise(problem, n_perturb_samples, 1, "normal")[..., 0] * noise_std
+    if perturbation == "removal":
+        draws = _row_noise(problem, n_perturb_samples, 1, "unit", INFIDELITY_SALT)[..., 0]
+        noise = (draws < remove_prob).float() * _slots(problem, n_perturb_samples, n_max)
+    else:
+        noise = _row_noise(problem, n_perturb_samples, 1, "normal", INFIDELITY_SALT)[..., 0]
+        noise = noise * noise_std
 
     def perturb(alpha: Tensor) -> tuple[Tensor, Tensor]:
         return noise, alpha - noise
@@ -256,6 +409,13 @@ def infidelity(
         normalize=normalize,
     )
     return out.double()
+
+
+def _slots(problem: AttributionProblem, samples: int, n_max: int) -> Tensor:
+    """1 on each row's feature slots, 0 past them, rows repeated ``samples`` times in place.
+    ``[batch * samples, n_max]`` float."""
+    n = problem.n_features.cpu().repeat_interleave(samples)
+    return (torch.arange(n_max)[None] < n[:, None]).float()
 
 
 def max_sensitivity(
@@ -384,11 +544,25 @@ def plausibility_top1(scores: Tensor, labels: Tensor) -> Tensor:
 
 
 def plausibility_auprc(scores: Tensor, labels: Tensor) -> Tensor:
-    """AUPRC of ``|score|`` for the tokens a human would point at (operand digits and operators,
-    label 1) against formatting tokens (``$``, ``,``, spaces; label 0); other tokens -1.
-    Magnitude, not sign: a token that pushes the answer down is still one the model uses.
-    Higher is better. ``[batch]`` float64, NaN for prompts without both classes."""
-    return average_precision(scores.abs(), labels)
+    """Normalised AUPRC of ``|score|`` for the features the answer depends on (label 1: an
+    arithmetic operand's digits, sign and decimal point and the operator; a lookup's source)
+    against those that cannot change it (label 0: formatting, demonstrations, other
+    segments); -1 ignored. ``(AP - E[AP]) / (1 - E[AP])`` with ``E[AP]`` the expected AP of a
+    random ranking (:func:`~tokattr.metrics.ranking.normalised_average_precision`): random
+    scores 0, the positives ranked first 1, whatever the share of positives (on arithmetic
+    prompts most tokens are operand digits, and raw AUPRC starts at 0.85). Magnitude, not
+    sign: a token that pushes the answer down is still one the model uses. Higher is better.
+    ``[batch]`` float64, NaN for prompts without both classes."""
+    return normalised_average_precision(scores.abs(), labels)
+
+
+def plausibility_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Normalised top-k precision of ``|score|``, k the number of positives (R-precision;
+    labels as :func:`plausibility_auprc`): ``(precision - base rate) / (1 - base rate)``, so
+    random scores 0 and the positives on top 1
+    (:func:`~tokattr.metrics.ranking.normalised_precision_at_positives`). Higher is better.
+    ``[batch]`` float64, NaN for prompts without both classes."""
+    return normalised_precision_at_positives(scores.abs(), labels)
 
 
 def randomization_spearman(scores: Tensor, random_scores: Tensor, feature_mask: Tensor) -> Tensor:

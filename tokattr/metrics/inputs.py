@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tokattr.engine.loo import leave_one_out
 from tokattr.methods.problem import AttributionProblem, Method
-from tokattr.metrics.functional import ErasureCurves, erasure_curves
+from tokattr.metrics.functional import ErasureCurves, SoftErasure, erasure_curves, soft_erasure
 
 NEEDS = frozenset({"method", "labels", "exact_shapley", "random_scores"})
 """What a metric may need besides the problem and the scores: the method (re-run on perturbed
@@ -64,6 +64,14 @@ class MetricInputs:
     def curves(self) -> ErasureCurves:
         """The deletion and insertion curves of these scores, computed once."""
         return self._once("curves", lambda: erasure_curves(self.problem, self.scores))  # type: ignore[return-value]
+
+    def soft(self, n_samples: int) -> SoftErasure:
+        """The soft-erasure evaluations of these scores with ``n_samples`` masks per row
+        (:func:`~tokattr.metrics.functional.soft_erasure`), computed once for both soft
+        metrics."""
+        return self._once(  # type: ignore[return-value]
+            f"soft{n_samples}", lambda: soft_erasure(self.problem, self.scores, n_samples)
+        )
 
     def leave_one_out(self) -> Tensor:
         """``f(x) - f(x without feature j)`` per feature slot, ``[batch, n_max]`` float64 on the

@@ -140,6 +140,53 @@ def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     return out.to(scores.device)
 
 
+def expected_average_precision(n_pos: Tensor, n: Tensor) -> Tensor:
+    """The expected average precision of a ranking drawn uniformly at random (no ties) with
+    ``n_pos`` positives among ``n`` items (Bestgen, "Exact expected average precision of the
+    random baseline for system evaluation", PBML 103, 2015):
+    ``(H_n + (n_pos - 1) / (n - 1) * (n - H_n)) / n``, ``H_n`` the n-th harmonic number. Above
+    the base rate ``n_pos / n`` on short lists (13 tokens, 9 positives: 0.75 against 0.69), so
+    it is what a random method scores on average. ``[batch]`` x2 -> ``[batch]`` float64."""
+    n_pos, n = n_pos.double(), n.double()
+    harmonic = torch.special.digamma(n + 1) + 0.5772156649015329  # H_n
+    slope = torch.where(n > 1, (n_pos - 1) / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return (harmonic + slope * (n - harmonic)) / n.clamp(min=1)
+
+
+def normalised_average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """``(AP - E[AP]) / (1 - E[AP])``: average precision (:func:`average_precision`) rescaled
+    so that a random ranking scores 0 in expectation (:func:`expected_average_precision`) and
+    a perfect one 1; negative for a ranking worse than chance. ``[batch]`` float64, NaN for a
+    row without a positive or without a negative."""
+    ap = average_precision(scores, labels).cpu()
+    keep = labels.cpu() >= 0
+    expected = expected_average_precision(((labels.cpu() == 1) & keep).sum(-1), keep.sum(-1))
+    return ((ap - expected) / (1 - expected).clamp(min=1e-12)).to(scores.device)
+
+
+def normalised_precision_at_positives(scores: Tensor, labels: Tensor) -> Tensor:
+    """Precision of the top ``P`` items (``P`` the row's positives: R-precision, which equals
+    its recall), rescaled to ``(precision - P / n) / (1 - P / n)`` so that a random ranking
+    scores 0 in expectation and the positives ranked first score 1. Items tied at the cut
+    count in proportion (the expectation over orders of the ties), so constant scores score
+    exactly 0. ``[batch]`` float64, NaN for a row without a positive or without a negative."""
+    out = torch.full((scores.shape[0],), math.nan, dtype=torch.float64)
+    for row in range(scores.shape[0]):
+        keep = labels[row] >= 0
+        y = labels[row][keep].double().cpu()
+        s = scores[row][keep].double().cpu()
+        n, n_pos = len(y), int(y.sum())
+        if n_pos == 0 or n_pos == n:
+            continue
+        cut = torch.sort(s, descending=True).values[n_pos - 1]  # the P-th largest score
+        above = s > cut
+        tied = s == cut
+        hits = float(y[above].sum()) + (n_pos - int(above.sum())) * float(y[tied].mean())
+        base = n_pos / n
+        out[row] = (hits / n_pos - base) / (1 - base)
+    return out.to(scores.device)
+
+
 def normalised_auc(curve: Tensor, n: Tensor) -> Tensor:
     """Trapezoidal area under ``curve[:, 0..n]`` drawn over ``x = i / n`` in [0, 1].
 

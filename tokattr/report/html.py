@@ -29,6 +29,7 @@ from tokattr.report.figures import (
     metrics_figure,
 )
 from tokattr.report.load import HEADLINE_K, Run, headline_metrics, load_run, method_costs
+from tokattr.sanity import CONTROL, NOT_DISCRIMINATING
 from tokattr.table import format_value
 
 
@@ -49,7 +50,7 @@ def write_report(out_dir: str | Path, max_examples: int = 12) -> Path:
     run = load_run(out_dir)
     figures = run.out_dir / "figures"
     figures.mkdir(exist_ok=True)
-    parts = [_summary_html(run), _metrics_html(run)]
+    parts = [_summary_html(run), _metrics_html(run), _checks_html(run)]
     if headline_metrics(run):
         parts.append(_figure_html(metrics_figure(run), figures / "metrics.png", "metrics"))
     parts.append(_cost_html(run))
@@ -150,15 +151,66 @@ def _metrics_html(run: Run) -> str:
     return "\n".join(out)
 
 
+def _checks_html(run: Run) -> str:
+    """The metric checks (:mod:`tokattr.sanity`): one row per metric."""
+    checks = run.checks
+    if not checks:
+        return ""
+    titles = [
+        "metric",
+        f"methods told from {CONTROL}",
+        "best effect [95% paired interval]",
+        "resolution",
+        "rank agreement",
+        "verdict",
+    ]
+    head = [f'<th class="sortable" title="click to sort">{_esc(t)}</th>' for t in titles]
+    body = []
+    for c in checks:
+        mine = [s for s in run.sanity if s.metric == c.metric and not math.isnan(s.effect)]
+        best = max(mine, key=lambda s: s.effect, default=None)
+        shown = (
+            "—"
+            if best is None
+            else f"{best.method}: {format_value(best.effect)} [{format_value(best.ci_low)}, "
+            f"{format_value(best.ci_high)}]"
+        )
+        verdict = NOT_DISCRIMINATING if c.flagged else "ok" if c.methods else "no control"
+        cells = [c.metric, f"{c.discriminated}/{c.methods}", shown]
+        cells += [format_value(c.resolution), format_value(c.rank_agreement), verdict]
+        keys = [c.metric, c.discriminated, best.effect if best else "", c.resolution]
+        keys += [c.rank_agreement, verdict]
+        body.append(
+            "<tr>"
+            + "".join(
+                f'<td data-sort="{_esc(k)}">{_esc(v)}</td>'
+                for k, v in zip(keys, cells, strict=True)
+            )
+            + "</tr>"
+        )
+    return (
+        "<h2>Metric checks</h2>\n"
+        + _table("checks", head, body)
+        + f"\n<p>Effect: a method's mean minus {CONTROL}'s on the same examples, signed so "
+        "that positive is better, with a paired 95% bootstrap interval (per method: "
+        "metric_sanity.csv). Resolution: median interval width over the spread of the "
+        "methods' means. Rank agreement: mean Kendall tau with the other metrics' rankings. "
+        f"A metric that tells no method from {CONTROL} is marked ⚠ in the table above.</p>"
+    )
+
+
 def _metric_table(run: Run, columns: list[tuple[str, str, bool]], table_id: str) -> str:
     cells = {(r.method, r.metric, r.k): r for r in run.metrics}
+    flagged = {c.metric for c in run.checks if c.flagged}
     head = ['<th class="sortable" title="click to sort">method</th>']
     for metric, k, higher in columns:
         name = metric + ("" if k in HEADLINE_K else f"@{k}")
         direction = "higher" if higher else "lower"
+        warn = metric in flagged and k in HEADLINE_K
         head.append(
-            f'<th class="sortable" title="{direction} is better; click to sort">'
-            f"{_esc(name)} {arrow(higher)}</th>"
+            f'<th class="sortable" title="{direction} is better'
+            + (f"; {NOT_DISCRIMINATING}" if warn else "")
+            + f'; click to sort">{_esc(name)} {arrow(higher)}{" ⚠" if warn else ""}</th>'
         )
     body = []
     for method in run.methods:

@@ -1,9 +1,9 @@
 """A finished run read back from its ``out_dir``, and the numbers per method drawn from it.
 
-:func:`load_run` reads ``attributions.jsonl`` and ``metrics.csv`` (and ``run.json`` /
-``config.yaml`` when present) into a frozen :class:`Run`; :func:`headline_metrics` picks the
-one-number-per-metric columns; :func:`method_costs` a run's cost per method
-(:func:`tokattr.results.method_costs`, shared with ``summary.md``).
+:func:`load_run` reads ``attributions.jsonl`` and ``metrics.csv`` (and ``metric_sanity.csv``,
+``run.json`` and ``config.yaml`` when present) into a frozen :class:`Run`;
+:func:`headline_metrics` picks the one-number-per-metric columns; :func:`method_costs` a
+run's cost per method (:func:`tokattr.results.method_costs`, shared with ``summary.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 from tokattr.results import Cost
 from tokattr.results import method_costs as costs_of_rows
 from tokattr.rows import ResultRow
+from tokattr.sanity import MetricCheck, Separation, metric_checks, read_sanity_csv
 from tokattr.table import CSV_COLUMNS, EvaluationTable, MetricRow
 
 HEADLINE_K = ("", "aopc")  # one number per metric: plain metrics, and the ERASER AOPC
@@ -42,6 +43,7 @@ class Run:
     info: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     config_text: str | None = None
+    sanity: tuple[Separation, ...] = ()  # metric_sanity.csv, where the run has the control
     _by_key: dict[tuple[str, str], ResultRow] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +63,15 @@ class Run:
     def table(self) -> EvaluationTable:
         """``metrics`` as an :class:`~tokattr.table.EvaluationTable` (no per-example
         values: those stay in ``rows``), for its ``get`` and ``to_markdown``."""
-        return EvaluationTable(rows=list(self.metrics), values={}, attributions={})
+        return EvaluationTable(
+            rows=list(self.metrics), values={}, attributions={}, sanity=list(self.sanity)
+        )
+
+    @property
+    def checks(self) -> list[MetricCheck]:
+        """One check per metric (:func:`tokattr.sanity.metric_checks`), empty without a
+        ``metric_sanity.csv``."""
+        return metric_checks(self.metrics, self.sanity) if self.sanity else []
 
     def errors(self) -> list[ResultRow]:
         """The rows of (example, method) pairs the method could not score."""
@@ -94,6 +104,8 @@ def load_run(out_dir: str | Path) -> Run:
     metrics = _read_metrics(out / "metrics.csv")
     methods = dict.fromkeys(r.method for r in rows)
     methods.update(dict.fromkeys(m.method for m in metrics))  # a method with no rows left
+    sanity_file = out / "metric_sanity.csv"
+    sanity = tuple(read_sanity_csv(sanity_file)) if sanity_file.is_file() else ()
     config_file, info_file = out / "config.yaml", out / "run.json"
     config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     return Run(
@@ -105,6 +117,7 @@ def load_run(out_dir: str | Path) -> Run:
         info=json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else None,
         config=yaml.safe_load(config_text) if config_text is not None else None,
         config_text=config_text,
+        sanity=sanity,
     )
 
 
