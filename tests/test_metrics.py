@@ -674,6 +674,14 @@ def test_metric_parameters_are_checked():
         Comprehensiveness(fractions=(0.5, 1.5))
     with pytest.raises(ValueError, match="noise_std"):
         Infidelity(noise_std=0)
+    with pytest.raises(ValueError, match="remove_prob"):
+        Infidelity(remove_prob=1.0)
+    with pytest.raises(ValueError, match="perturbation must be one of"):
+        Infidelity(perturbation="uniform")
+    with pytest.raises(ValueError, match="min_gap"):
+        DeletionAUCNormalised(min_gap=0)
+    with pytest.raises(ValueError, match="n_samples"):
+        SoftSufficiency(n_samples=0)
     with pytest.raises(ValueError, match="perturb_radius"):
         MaxSensitivity(perturb_radius=-1)
 
