@@ -270,18 +270,23 @@ LLAMA_SHAPE = dict(
 bundled tokenizer's ~160-token vocabulary adds almost nothing."""
 
 
-def build_llama_100m(seed: int = 0) -> LanguageModel:
-    """The random-weight ~100M-parameter Llama on the bundled tokenizer (eval mode, CPU)."""
+def build_llama_100m(seed: int = 0, max_positions: int | None = None) -> LanguageModel:
+    """The random-weight ~100M-parameter Llama on the bundled tokenizer (eval mode, CPU);
+    ``max_positions`` (default 2,048) sets the model's and the tokenizer's longest sequence
+    (rotary positions: the weights do not depend on it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer(model_max_length=2048)
+    shape = dict(LLAMA_SHAPE)
+    if max_positions is not None:
+        shape["max_position_embeddings"] = max_positions
+    tok = build_tokenizer(model_max_length=shape["max_position_embeddings"])
     config = LlamaConfig(
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
-        **LLAMA_SHAPE,
+        **shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

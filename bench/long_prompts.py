@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from bench._harness import LLAMA_SHAPE, _run_worker, length_prompts
+from bench._harness import _run_worker, build_llama_100m, length_prompts
 from tokattr.data.tokenizer import build_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAX_LENGTH = 4096
+MAX_LENGTH = 4096 + 64
+"""Positions of the model and the tokenizer: a 4,096-token prompt and its answer."""
 METHODS: dict[str, dict[str, Any]] = {
     "forward": {},
     "saliency": {},
@@ -45,26 +46,12 @@ perturbation methods' thousands of passes do not fit a session there; on a GPU a
 
 
 def save_model() -> Path:
-    """The benchmark's ``llama-100m`` (same seed and shape) with positions up to 4,096."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The benchmark's ``llama-100m`` (same seed and shape) with positions up to 4,160."""
     folder = Path(tempfile.mkdtemp(prefix="tokattr-long-prompts-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    tok = build_tokenizer(model_max_length=MAX_LENGTH)
-    shape = {**LLAMA_SHAPE, "max_position_embeddings": MAX_LENGTH}
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        **shape,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    lm = build_llama_100m(max_positions=MAX_LENGTH)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -76,12 +63,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default=None)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other (length, method) records of an earlier results file of this name",
+    )
     args = parser.parse_args()
     name = args.name or f"{args.device}-long-prompts"
     budget = int(args.budget_gib * 2**30)
     folder = save_model()
     tok = build_tokenizer(model_max_length=MAX_LENGTH)
     records: list[dict[str, Any]] = []
+    earlier = RESULTS / f"{name}.json"
+    if args.update and earlier.is_file():
+        old = json.loads(earlier.read_text())["records"]
+        records = [
+            r for r in old if r["length"] not in args.lengths or r["method"] not in args.methods
+        ]
     started = time.time()
     for length in args.lengths:
         prompt, answer = length_prompts(tok, length, 1)[0]
@@ -105,6 +103,12 @@ def main() -> None:
             record = {"length": length, "method": method, **answer_json}
             records.append(record)
             print(json.dumps(record), flush=True)
+    records.sort(
+        key=lambda r: (
+            r["length"],
+            list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS),
+        )
+    )
     floor = {
         r["length"]: r["seconds"] for r in records if r["method"] == "forward" and "seconds" in r
     }
@@ -139,12 +143,12 @@ def write_markdown(path: Path, meta: dict[str, Any], records: list[dict[str, Any
         "loaded model (CPU: peak RSS). x forward: the time over one forward pass of the same "
         "sequence.",
         "",
-        "| length | method | s | x forward | model evals | peak MiB | ≤ budget |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| length | method | s | x forward | model evals | peak MiB | ≤ budget | checkpointed |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {r['length']} | {r['method']} | — | — | — | — | {r.get('reason')} |")
+            lines.append(f"| {r['length']} | {r['method']} | — | — | — | — | {r.get('reason')} | |")
             continue
         within = (
             "—"
@@ -153,7 +157,8 @@ def write_markdown(path: Path, meta: dict[str, Any], records: list[dict[str, Any
         )
         lines.append(
             f"| {r['length']} | {r['method']} | {r['seconds']:.2f} | {r.get('x_forward', 0):.1f} | "
-            f"{r['model_evals']} | {r['peak_bytes'] / mib:.0f} | {within} |"
+            f"{r['model_evals']} | {r['peak_bytes'] / mib:.0f} | {within} | "
+            f"{'yes' if r.get('checkpointed') else ''} |"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -46,6 +46,7 @@ from tokattr.metrics.ranking import (
     kendall_tau,
     normalised_auc,
     spearman,
+    tie_averaged_precision,
     top_k_sizes,
 )
 from tokattr.targets import TargetInputs
@@ -306,7 +307,7 @@ def test_completeness_error_equals_numpy():
 
 def _infidelity_draws(problem, b, samples, n, perturbation, p=0.25, std=0.3):
     """Row b's perturbations ``[samples, n]``, drawn as the metric documents it."""
-    g = torch.Generator().manual_seed(problem.seeds[b] + F.INFIDELITY_SALT)
+    g = torch.Generator().manual_seed(F.salted_seed(problem.seeds[b], F.INFIDELITY_SALT))
     if perturbation == "removal":
         return (torch.rand(samples, n, 1, generator=g)[..., 0] < p).double().numpy()
     return (torch.randn(samples, n, 1, generator=g)[..., 0] * std).double().numpy()
@@ -405,7 +406,7 @@ def test_soft_sufficiency_and_comprehensiveness_equal_numpy():
     scores = random_scores(problem, seed=2)
     samples = 4
     e = F.soft_erasure(problem, scores, samples)
-    ns, nc = F.soft_sufficiency_from(e), F.soft_comprehensiveness_from(e)
+    ns, nc = F.soft_sufficiency_from(e, 1e-6), F.soft_comprehensiveness_from(e, 1e-6)
     for b in range(problem.n_rows):
         E, w = feats_of(problem, b)
         s = scores[b][problem.feature_mask[b]].double().numpy()
@@ -446,7 +447,7 @@ def test_soft_metrics_on_a_real_model_use_the_answer_probability():
     scores = random_scores(problem, seed=6)
     samples = 3
     e = F.soft_erasure(problem, scores, samples)
-    ns, nc = F.soft_sufficiency_from(e), F.soft_comprehensiveness_from(e)
+    ns, nc = F.soft_sufficiency_from(e, 1e-6), F.soft_comprehensiveness_from(e, 1e-6)
     defined = 0
     for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         ids, n_prompt, cols = unpadded(lm, p, a)
@@ -473,12 +474,38 @@ def test_soft_metrics_on_a_real_model_use_the_answer_probability():
     assert defined >= 1  # the formulas were checked, not only their undefined case
 
 
-def test_soft_metrics_are_undefined_for_constant_scores():
+def test_soft_metrics_are_undefined_for_constant_scores_and_small_gaps():
     problem, _ = make_batch(lengths=(5, 3))
     flat = torch.where(problem.feature_mask, 1.0, 0.0)
     e = F.soft_erasure(problem, flat, 2)
-    assert F.soft_sufficiency_from(e).isnan().all()
-    assert F.soft_comprehensiveness_from(e).isnan().all()
+    assert F.soft_sufficiency_from(e, 1e-6).isnan().all()
+    assert F.soft_comprehensiveness_from(e, 1e-6).isnan().all()
+    # Rows whose p - p0 is below min_gap are left out; the others keep their value.
+    e = F.soft_erasure(problem, random_scores(problem, seed=4), 2)
+    gap = e.p - e.p0
+    cut = float(gap.max()) - 1e-9  # keeps only the row with the widest gap
+    for fn in (F.soft_sufficiency_from, F.soft_comprehensiveness_from):
+        wide, narrow = fn(e, 1e-6), fn(e, cut)
+        keep = gap >= cut
+        assert keep.sum() == 1 and narrow[~keep].isnan().all()
+        torch.testing.assert_close(narrow[keep], wide[keep])
+
+
+def test_soft_masks_are_shared_by_both_passes_even_without_seeds(monkeypatch):
+    problem, _ = make_batch(lengths=(5, 3))
+    unseeded = dataclasses.replace(problem, seeds=(None, None))
+    seen = []
+    original = AttributionProblem.evaluate_soft
+
+    def recording(self, rows, keep_prob, uniforms):
+        seen.append([uniforms(i).clone() for i in range(len(rows))])
+        return original(self, rows, keep_prob, uniforms)
+
+    monkeypatch.setattr(AttributionProblem, "evaluate_soft", recording)
+    F.soft_erasure(unseeded, random_scores(problem, seed=4), 3)
+    kept, removed = seen
+    assert len(kept) == 6 and all(torch.equal(a, b) for a, b in zip(kept, removed, strict=True))
+    assert not torch.equal(kept[0], kept[1])  # each mask its own draw
 
 
 class _Linear:
@@ -531,6 +558,28 @@ def test_expected_average_precision_equals_brute_force(n):
         assert got.item() == pytest.approx(_random_ap_brute_force(y))
 
 
+def test_tie_averaged_precision_is_the_mean_over_tie_orders():
+    """Blocks of ties: the mean of scikit-learn's AP over every order of the tied items;
+    without ties, scikit-learn's AP itself."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        s = torch.randint(0, 3, (7,), generator=g).float()
+        y = torch.randint(0, 2, (7,), generator=g)
+        y[0], y[1] = 1, 0
+        aps = []
+        for perm in itertools.permutations(range(7)):
+            order = sorted(range(7), key=lambda i: (-float(s[i]), perm[i]))
+            ranked = np.zeros(7)
+            ranked[order] = np.arange(7, 0, -1)
+            aps.append(sklearn.metrics.average_precision_score(y.numpy(), ranked))
+        got = tie_averaged_precision(s[None], y[None])
+        assert got.item() == pytest.approx(float(np.mean(aps)))
+    s = torch.randn(20, 9, generator=g)
+    y = torch.randint(0, 2, (20, 9), generator=g)
+    y[:, 0], y[:, 1] = 1, 0
+    torch.testing.assert_close(tie_averaged_precision(s, y), average_precision(s, y))
+
+
 def _precision_brute_force(y: np.ndarray, s: np.ndarray) -> float:
     """Normalised precision of the top P (P positives), ties at the cut broken every way."""
     n, p = len(y), int(y.sum())
@@ -563,10 +612,9 @@ def test_plausibility_of_random_scores_is_zero_and_of_the_truth_one():
     for fn in (F.plausibility_auprc, F.plausibility_precision):
         assert fn(labels.float(), labels).tolist() == [1.0] * rows  # the indicator itself
         assert abs(fn(noise, labels).mean().item()) < 0.02  # random: 0 in expectation
-        assert fn(torch.ones(rows, n), labels).abs().max().item() < 0.3  # constant: no order
+        # Constant scores carry no ranking: exactly chance, whichever normalisation.
+        assert fn(torch.ones(rows, n), labels).abs().max().item() < 1e-12
         assert fn(-labels.float() + 5, labels).max().item() < 0  # the wrong tokens on top
-    # Constant scores carry no ranking: their R-precision is exactly the base rate.
-    assert F.plausibility_precision(torch.ones(rows, n), labels).abs().max().item() < 1e-12
 
 
 def test_shapley_plausibility_and_randomization_equal_references():
@@ -682,6 +730,8 @@ def test_metric_parameters_are_checked():
         DeletionAUCNormalised(min_gap=0)
     with pytest.raises(ValueError, match="n_samples"):
         SoftSufficiency(n_samples=0)
+    with pytest.raises(ValueError, match="min_gap"):
+        SoftComprehensiveness(min_gap=1.5)
     with pytest.raises(ValueError, match="perturb_radius"):
         MaxSensitivity(perturb_radius=-1)
 
@@ -705,6 +755,11 @@ def test_what_a_metric_applies_to_is_declared_on_its_class():
     } == APPLIES_TO
     assert applies("shapley_error", "kernel_shap") and not applies("shapley_error", "occlusion")
     assert applies("deletion_auc", "anything")
+    # The control gets a metric of a few methods only when one of them is in the run.
+    assert applies("shapley_error", "random")
+    assert not applies("shapley_error", "random", ["random", "occlusion"])
+    assert applies("shapley_error", "random", ["random", "kernel_shap"])
+    assert applies("deletion_auc", "random", ["random"])
 
 
 def test_shared_quantities_are_computed_once_per_inputs():

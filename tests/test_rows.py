@@ -74,6 +74,16 @@ def test_the_run_identity_names_what_changed(tmp_path):
     with pytest.raises(ValueError, match="does not describe a run"):
         check_run(tmp_path, _identity(), overwrite=False)
     check_run(tmp_path, _identity(), overwrite=True)
+    # A run of the metrics' earlier meanings (its run.json has no metrics_version) is not
+    # resumed into the new ones; one of another version names the field.
+    old = _identity().to_json()
+    del old["metrics_version"]
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"missing \['metrics_version'\]"):
+        check_run(tmp_path, _identity(), overwrite=False)
+    check_run(tmp_path, _identity(metrics_version=1), overwrite=True)
+    with pytest.raises(ValueError, match="changed: metrics_version"):
+        check_run(tmp_path, _identity(), overwrite=False)
 
 
 def test_reading_rows_imports_no_model_code(tmp_path):

@@ -135,3 +135,32 @@ def test_csv_round_trip(tmp_path):
     (tmp_path / "bad.csv").write_text("metric,method\nlds,m\n")
     with pytest.raises(ValueError, match="columns"):
         read_sanity_csv(tmp_path / "bad.csv")
+
+
+def test_verdicts_for_a_missing_constant_or_thin_control():
+    nan = math.nan
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(40, generator=g, dtype=torch.float64)
+    values = {
+        # shapley_error where no prompt was short enough: random has no value at all.
+        ("random", "shapley_error"): torch.full((40,), nan, dtype=torch.float64),
+        ("kernel_shap", "shapley_error"): torch.full((40,), nan, dtype=torch.float64),
+        # max_sensitivity: random's is 0 on every example by construction.
+        ("random", "max_sensitivity"): torch.zeros(40, dtype=torch.float64),
+        ("occlusion", "max_sensitivity"): v.abs(),
+        # Only 5 examples defined: a huge effect, but too few pairs to declare it.
+        ("random", "lds"): torch.cat([v[:5], torch.full((35,), nan, dtype=torch.float64)]),
+        ("occlusion", "lds"): torch.cat([v[:5] + 9, torch.full((35,), nan, dtype=torch.float64)]),
+    }
+    table = _table(values)
+    checks = {c.metric: c for c in table.checks}
+    assert checks["shapley_error"].verdict.startswith("random has too few values")
+    assert checks["max_sensitivity"].verdict == "random is constant by construction"
+    assert checks["max_sensitivity"].discriminated == 1  # told apart, trivially: said so
+    assert checks["lds"].verdict.startswith("random has too few values")
+    assert not any(c.flagged for c in checks.values())
+    assert not next(s for s in table.sanity if s.metric == "lds").discriminates
+    assert "⚠" not in table.to_markdown()
+    # No method but the control: nothing to check, nothing flagged.
+    lone = _table({("random", "lds"): v})
+    assert lone.sanity == [] and lone.checks == [] and "⚠" not in lone.to_markdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from tokattr.batching import Answer, Encoded, Features, TokenBatch, collate, enc
 from tokattr.chat import DEFAULT_ROLES, chat_prompts
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
+from tokattr.engine.checkpoint import checkpointed, needs_checkpointing
 from tokattr.engine.memory import ModelShape
 from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
@@ -46,6 +48,14 @@ from tokattr.validation import (
     prompt_list,
     target_function,
 )
+
+GRADIENT_METHODS = frozenset(
+    {"saliency", "input_x_gradient", "integrated_gradients", "gradient_shap", "smoothgrad",
+     "vargrad"}
+)  # fmt: skip
+"""The methods whose passes keep activations for a backward pass: the ones that
+``gradient_checkpointing`` applies to (AttnLRP and CP-LRP rewrite the backward pass
+themselves and run one pass per prompt)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +125,7 @@ def attribute(
     max_new_tokens: int | None = None,
     features: Features | Sequence[Features] = "token",
     feature_roles: Sequence[str] = DEFAULT_ROLES,
+    gradient_checkpointing: bool | None = None,
     **method_params: object,
 ) -> Attribution | list[Attribution]:
     """Attribute the model's score of an answer to each feature of the prompt: each token
@@ -154,6 +165,11 @@ def attribute(
             anyway is retried at half the size.
         max_new_tokens: the longest greedy answer (default: the model's generation config,
             else 12 tokens).
+        gradient_checkpointing: a gradient method recomputes each decoder layer in its
+            backward pass instead of keeping its activations
+            (:mod:`tokattr.engine.checkpoint`): about one more forward pass of compute, a
+            fraction of the memory. ``None`` (default): on when ``memory_budget`` is given
+            and one sequence's forward and backward pass is estimated not to fit in it.
         features: what gets a score (:mod:`tokattr.features`): ``"token"`` (default),
             ``"word"``, ``"sentence"``, ``"line"``, ``"separator:<s>"`` (the parts between
             occurrences of ``s``, e.g. ``"separator:;"`` between demonstrations), or explicit
@@ -217,6 +233,7 @@ def attribute(
         batch_size,
         memory_budget,
         per_answer_token,
+        gradient_checkpointing=gradient_checkpointing,
     )
     return results[0] if single else results
 
@@ -237,6 +254,7 @@ def _attribute_encoded(
     memory_budget: int | None,
     per_answer_token: bool = False,
     keep_errors: bool = False,
+    gradient_checkpointing: bool | None = None,
 ) -> list[Attribution]:
     """Attribute encoded examples (:func:`~tokattr.batching.encode_examples`), in batches of
     ``batch_size`` prompts (default :data:`DEFAULT_BATCH_SIZE`). ``answers`` / ``foils``: the
@@ -250,10 +268,17 @@ def _attribute_encoded(
     for start in range(0, len(encoded), prompts_per_batch):
         stop = min(start + prompts_per_batch, len(encoded))
         batch = collate(lm.tokenizer, encoded[start:stop]).to(lm.device)
+        checkpoint = gradient_checkpointing
+        if checkpoint is None:
+            seq = batch.input_ids.shape[1]
+            checkpoint = memory_budget is not None and needs_checkpointing(
+                lm.model, seq, memory_budget, seq - batch.prompt_width + 1
+            )
         results += attribute_collated(
             lm, batch, encoded[start:stop], prompts[start:stop], texts[start:stop],
             foil_texts[start:stop], runner, method, fn, fn_name, baseline, seeds[start:stop],
             pass_sizes(lm, batch, batch_size, memory_budget), per_answer_token, keep_errors,
+            checkpoint=checkpoint and method in GRADIENT_METHODS,
         )  # fmt: skip
     return results
 
@@ -274,9 +299,12 @@ def attribute_collated(
     sizes: tuple[int, int],
     per_answer_token: bool = False,
     keep_errors: bool = False,
+    checkpoint: bool = False,
 ) -> list[Attribution]:
     """Attribute one collated batch of ``encoded`` examples (``answers`` / ``foils``: the
-    texts to report; ``sizes``: sequences per forward and per forward + backward pass)."""
+    texts to report; ``sizes``: sequences per forward and per forward + backward pass;
+    ``checkpoint``: the decoder layers recompute their activations in the backward pass,
+    :func:`tokattr.engine.checkpoint.checkpointed`)."""
     params = {k: getattr(runner, k) for k in method_parameters(method)}
     n_examples = batch.input_ids.shape[0]
     model = lm.model
@@ -330,7 +358,8 @@ def attribute_collated(
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()
-        out = runner.attribute(problem)
+        with checkpointed(model) if checkpoint else contextlib.nullcontext():
+            out = runner.attribute(problem)
         elapsed = (time.perf_counter() - t0) * 1000 / len(rows)
         millis.index_add_(
             0, row_of[rows].cpu(), torch.full((len(rows),), elapsed, dtype=torch.float64)

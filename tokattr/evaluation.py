@@ -77,9 +77,10 @@ def evaluate(
             all, or for one prompt in the list): the model's greedy answer, as generated ids.
         methods: method names, or ``{name: {hyper-parameter: value}}``.
         metrics: names in :data:`tokattr.metrics.METRICS`; ``None``: all of them.
-            ``completeness_error`` is reported for integrated_gradients only and
-            ``shapley_error`` for kernel_shap and shapley_sampling on prompts of at most
-            ``shapley_max_tokens`` tokens.
+            ``completeness_error`` is reported for integrated_gradients and
+            ``shapley_error`` for kernel_shap and shapley_sampling (on prompts of at most
+            ``shapley_max_tokens`` tokens), each also for ``random`` when one of those
+            methods is in the run, as the control they are checked against.
         baseline: how a token is removed, for the methods and the metrics alike.
         target_fn: the target function (see :func:`tokattr.attribute`).
         batch_size: prompts per batch, and the most sequences in one forward pass.
@@ -97,8 +98,9 @@ def evaluate(
             :func:`tokattr.attribute`).
         sources: per prompt, the indices of the features the answer depends on (e.g.
             :class:`tokattr.data.LookupGenerator`'s ``sources`` with its ``segments`` as
-            ``features``): the ground truth of ``plausibility_auprc`` and
-            ``plausibility_top1`` (the other features are the negatives).
+            ``features``): the ground truth of ``plausibility_auprc``,
+            ``plausibility_precision`` and ``plausibility_top1`` (the other features are the
+            negatives).
         feature_roles: the roles of a chat prompt whose contents are features.
 
     Raises:
@@ -151,7 +153,7 @@ def evaluate(
                 [seed_list[i] for i in chunk],
                 method,
                 params,
-                names,
+                [n for n in names if applies(n, method, specs)],
                 metric_params,
                 runner=runner,
                 baseline=baseline,

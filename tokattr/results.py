@@ -213,7 +213,7 @@ def merge(
     n_bootstrap: int = 1000,
 ) -> EvaluationTable:
     """Merge the part files into ``attributions.jsonl`` (data-set order, then method order),
-    and write ``metrics.csv`` and ``summary.md``.
+    and write ``metrics.csv``, ``metric_sanity.csv`` and ``summary.md``.
 
     Raises:
         RuntimeError: a (example, method) pair of the data set has no row (a gap).

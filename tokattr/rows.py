@@ -96,11 +96,18 @@ class ResultRow:
         return cls(**values)
 
 
+METRICS_VERSION = 2
+"""Raised when a metric keeps its name but changes its meaning, so that a run of the old
+meaning is not resumed into the new one (2: erasure areas in units of f, infidelity by feature
+removal and as a root, plausibility against a random ranking)."""
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     """What makes two runs the same run: the model (and a hash of its weights and tokenizer),
-    the examples, the methods with their parameters, the metrics with theirs, and the scoring
-    settings. Written to ``run.json``; a resumed run must match it."""
+    the examples, the methods with their parameters, the metrics with theirs, the scoring
+    settings and :data:`METRICS_VERSION`. Written to ``run.json``; a resumed run must match it
+    (a ``run.json`` of an earlier version, without some field, is refused like a changed one)."""
 
     model: str
     weights: str
@@ -113,6 +120,7 @@ class RunIdentity:
     target_fn: str
     shapley_max_tokens: int
     randomization_seed: int
+    metrics_version: int = METRICS_VERSION
 
     def to_json(self) -> dict[str, Any]:
         # Through JSON once, so tuples and lists compare equal after a round trip.

@@ -10,14 +10,17 @@ Every run therefore reports, per metric:
   method's value minus ``random``'s on the same example, signed so that positive is better,
   with a paired percentile-bootstrap interval (examples resampled, the pairs kept together;
   Efron & Tibshirani, 1993). ``discriminates`` when the interval excludes 0 (either sign: a
-  metric that ranks a method reliably below random still tells the two apart);
+  metric that ranks a method reliably below random still tells the two apart) over at least
+  :data:`MIN_PAIRS` examples;
 - its **resolution**: the median width of the methods' intervals over the spread of their
   means (below 1, the intervals are narrower than the differences between methods);
 - its **rank agreement**: the mean Kendall tau between its ranking of the methods and each
   other metric's (both oriented so that better ranks first).
 
 A metric that cannot tell any method from ``random`` is flagged :data:`NOT_DISCRIMINATING`
-in the summary table. Model-free: per-example values in, rows out (``metric_sanity.csv``).
+in the summary table; a metric on which the control has too few values, or the same value on
+every example by construction, is not flagged but says so (:attr:`MetricCheck.verdict`).
+Model-free: per-example values in, rows out (``metric_sanity.csv``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ SANITY_COLUMNS = ("metric", "method", "effect", "ci_low", "ci_high", "discrimina
 
 NOT_DISCRIMINATING = "does not discriminate on this data"
 
+MIN_PAIRS = 10
+"""Fewer paired examples than this and a percentile bootstrap interval means little: no method
+is declared told from the control on them."""
+
 
 @dataclass(frozen=True)
 class Separation:
@@ -65,18 +72,35 @@ class Separation:
 
 @dataclass(frozen=True)
 class MetricCheck:
-    """One metric's check over all methods (see the module docstring)."""
+    """One metric's check over all methods (see the module docstring). ``control``: the
+    ``random`` control's values on this metric: ``"ok"``, ``"missing"`` (no value on any
+    example, or fewer than :data:`MIN_PAIRS`) or ``"constant"`` (the same on every example:
+    random scores ignore the input and the weights, so ``max_sensitivity`` is 0 and
+    ``randomization_spearman`` 1 by construction, and telling a method from them is
+    trivial)."""
 
     metric: str
     methods: int  # methods compared with the control
     discriminated: int  # of which the interval excludes 0
     resolution: float  # median interval width / spread of the means (NaN: < 2 methods)
     rank_agreement: float  # mean Kendall tau with the other metrics' rankings (NaN: none)
+    control: str = "ok"
+
+    @property
+    def verdict(self) -> str:
+        """What the check says, in a few words."""
+        if self.control == "missing":
+            return f"{CONTROL} has too few values (< {MIN_PAIRS})"
+        if self.methods == 0:
+            return "no method to compare"
+        if self.control == "constant":
+            return f"{CONTROL} is constant by construction"
+        return NOT_DISCRIMINATING if self.discriminated == 0 else "ok"
 
     @property
     def flagged(self) -> bool:
-        """Whether no method could be told from the control."""
-        return self.methods > 0 and self.discriminated == 0
+        """Whether no method could be told from a control that has values to compare."""
+        return self.verdict == NOT_DISCRIMINATING
 
 
 def paired_interval(
@@ -119,8 +143,10 @@ def separations(
                 "paired values must cover the same examples"
             )
         sign = 1.0 if higher_is_better[metric] else -1.0
-        effect, low, high = paired_interval(sign * (v.double() - ref.double()), n_resamples)
-        separated = not math.isnan(low) and (low > 0 or high < 0)
+        diff = sign * (v.double() - ref.double())
+        effect, low, high = paired_interval(diff, n_resamples)
+        enough = int((~diff.isnan()).sum()) >= MIN_PAIRS
+        separated = enough and not math.isnan(low) and (low > 0 or high < 0)
         out.append(Separation(metric, method, effect, low, high, separated))
     return out
 
@@ -155,6 +181,13 @@ def metric_checks(rows: Sequence[MetricRow], seps: Sequence[Separation]) -> list
             if not math.isnan(tau):
                 taus.append(tau)
         against = [s for s in seps if s.metric == metric]
+        ref = cells.get((CONTROL, metric))
+        if ref is None or ref.n < MIN_PAIRS or math.isnan(ref.mean):
+            control = "missing"
+        elif ref.ci_high == ref.ci_low:  # every resample has the same mean: one value
+            control = "constant"
+        else:
+            control = "ok"
         out.append(
             MetricCheck(
                 metric,
@@ -162,9 +195,16 @@ def metric_checks(rows: Sequence[MetricRow], seps: Sequence[Separation]) -> list
                 sum(s.discriminates for s in against),
                 resolution[metric],
                 sum(taus) / len(taus) if taus else math.nan,
+                control,
             )
         )
     return out
+
+
+def best_separation(seps: Sequence[Separation], metric: str) -> Separation | None:
+    """The method with the largest effect on ``metric`` (``None``: no defined effect)."""
+    defined = [s for s in seps if s.metric == metric and not math.isnan(s.effect)]
+    return max(defined, key=lambda s: s.effect, default=None)
 
 
 def _number(x: float, digits: int = 2) -> str:
@@ -181,21 +221,16 @@ def sanity_markdown(checks: Sequence[MetricCheck], seps: Sequence[Separation]) -
         "|---|---:|---|---:|---:|---|",
     ]
     for c in checks:
-        mine = [s for s in seps if s.metric == c.metric]
-        defined = [s for s in mine if not math.isnan(s.effect)]
-        best = max(defined, key=lambda s: s.effect, default=None)
+        best = best_separation(seps, c.metric)
         shown = (
             "—"
             if best is None
             else f"{best.method}: {_number(best.effect, 3)} [{_number(best.ci_low, 3)}, "
             f"{_number(best.ci_high, 3)}]"
         )
-        verdict = (
-            f"no {CONTROL} control" if c.methods == 0 else NOT_DISCRIMINATING if c.flagged else "ok"
-        )
         lines.append(
             f"| {c.metric} | {c.discriminated}/{c.methods} | {shown} | {_number(c.resolution)} "
-            f"| {_number(c.rank_agreement)} | {verdict} |"
+            f"| {_number(c.rank_agreement)} | {c.verdict} |"
         )
     lines += [
         "",

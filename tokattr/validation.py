@@ -115,10 +115,11 @@ def metric_names(
                 f"{takes or 'no parameters'}"
             )
         METRICS[name](**given)  # the metric's own range checks
-    if methods is not None and not any(applies(n, m) for n in names for m in methods):
+    if methods is not None and not any(applies(n, m, methods) for n in names for m in methods):
         raise ValueError(
             f"none of the metrics {names} applies to the methods {sorted(methods)} (e.g. "
-            "completeness_error is for integrated_gradients only): the table would be empty"
+            "completeness_error is for integrated_gradients, and random as its control): the "
+            "table would be empty"
         )
     return names
 

@@ -229,7 +229,7 @@ class AttributionModule(pl.LightningModule):
             ok.append((e, a, enc))
         if not ok:
             return rows
-        metrics = [n for n in self.metric_names if applies(n, method)]
+        metrics = [n for n in self.metric_names if applies(n, method, self.methods)]
         scored = score_batch(
             lm,
             [enc for _, _, enc in ok],

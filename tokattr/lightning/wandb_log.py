@@ -37,7 +37,15 @@ from tokattr.table import CSV_COLUMNS
 TOKEN_COLUMNS = ["example_id", "method", "position", "token", "label", "score"]
 SUMMARY_COLUMNS = [c for c in CSV_COLUMNS if c != "n"]
 """The columns of ``metrics.csv`` but the example count."""
-CHECK_COLUMNS = ("metric", "methods", "discriminated", "resolution", "rank_agreement", "flagged")
+CHECK_COLUMNS = (
+    "metric",
+    "methods",
+    "discriminated",
+    "resolution",
+    "rank_agreement",
+    "verdict",
+    "flagged",
+)
 """The columns of the ``metric_checks`` table: one row per metric (:mod:`tokattr.sanity`)."""
 
 
@@ -157,7 +165,7 @@ def log_run(
         log({"metric_sanity": wandb.Table(columns=list(SANITY_COLUMNS), data=sanity)})
         log({"metric_checks": wandb.Table(
             columns=list(CHECK_COLUMNS),
-            data=[[getattr(c, k) for k in CHECK_COLUMNS[:-1]] + [c.flagged] for c in run.checks],
+            data=[[getattr(c, k) for k in CHECK_COLUMNS] for c in run.checks],
         )})  # fmt: skip
     headline = [r for r in run.metrics if r.k in ("", "aopc") and r.n > 0]
     log({f"{r.method}/{r.metric}": r.mean for r in headline})

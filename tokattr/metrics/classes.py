@@ -183,15 +183,19 @@ class InsertionAUCNormalised(_Normalised):
 
 
 class _Soft(PerExampleMetric):
-    """Abstract: a soft-erasure metric (Zhao & Aletras, ACL 2023) over ``n_samples`` masks."""
+    """Abstract: a soft-erasure metric (Zhao & Aletras, ACL 2023) over ``n_samples`` masks, on
+    the examples where removing every feature lowers the answer's probability by at least
+    ``min_gap`` (the others are left out and counted)."""
 
     higher_is_better = True
 
-    def __init__(self, n_samples: int = 8, **kwargs: object) -> None:
+    def __init__(self, n_samples: int = 8, min_gap: float = 0.01, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"{self.name}: n_samples must be an integer >= 1, got {n_samples!r}")
-        self.n_samples = n_samples
+        if not 0 < min_gap < 1:
+            raise ValueError(f"{self.name}: min_gap must lie in (0, 1), got {min_gap!r}")
+        self.n_samples, self.min_gap = n_samples, float(min_gap)
 
 
 class SoftSufficiency(_Soft):
@@ -204,7 +208,7 @@ class SoftSufficiency(_Soft):
     name = "soft_sufficiency"
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
-        return F.soft_sufficiency_from(inputs.soft(self.n_samples))
+        return F.soft_sufficiency_from(inputs.soft(self.n_samples), self.min_gap)
 
 
 class SoftComprehensiveness(_Soft):
@@ -216,7 +220,7 @@ class SoftComprehensiveness(_Soft):
     name = "soft_comprehensiveness"
 
     def per_batch(self, inputs: MetricInputs) -> Tensor:
-        return F.soft_comprehensiveness_from(inputs.soft(self.n_samples))
+        return F.soft_comprehensiveness_from(inputs.soft(self.n_samples), self.min_gap)
 
 
 class LooKendallTau(PerExampleMetric):

@@ -218,9 +218,11 @@ def soft_uniforms(problem: AttributionProblem, row: int, sample: int) -> Tensor:
     from the row's seed (:data:`SOFT_SALT`), the same for every method and batch."""
     t = int(problem.token_columns()[1][row])
     seed = problem.seeds[row]
-    gen = None
-    if seed is not None:
-        gen = torch.Generator().manual_seed(((seed + SOFT_SALT) * 1_000_003 + sample) % 2**63)
+    gen = (
+        None
+        if seed is None
+        else torch.Generator().manual_seed(salted_seed(seed, SOFT_SALT, sample))
+    )
     return torch.rand(t, problem.embeds.shape[-1], generator=gen)
 
 
@@ -242,7 +244,8 @@ def soft_erasure(problem: AttributionProblem, scores: Tensor, n_samples: int = 8
     """The model evaluations behind soft sufficiency and comprehensiveness: ``n_samples``
     masks per row, each evaluated with the features kept with probability ``q`` (the
     normalised importance, :func:`soft_keep_probs`) and with probability ``1 - q``, from the
-    same draws (so the two are paired, and every method sees the same draws)."""
+    same draws (so the two are paired, and, where rows have seeds, every method sees the same
+    draws)."""
     fx, fb = endpoints(problem)
     q = soft_keep_probs(problem, scores)  # [batch, n_max]
     q_filled = torch.nan_to_num(q, nan=0.5)  # rows without an order: NaN below, any draw
@@ -250,8 +253,12 @@ def soft_erasure(problem: AttributionProblem, scores: Tensor, n_samples: int = 8
     rows = torch.arange(b).repeat_interleave(n_samples)
     pairs = [(r, s) for r in range(b) for s in range(n_samples)]
 
+    drawn: dict[int, Tensor] = {}  # the same draws for both passes, even without a seed
+
     def uniforms(i: int) -> Tensor:
-        return soft_uniforms(problem, *pairs[i])
+        if i not in drawn:
+            drawn[i] = soft_uniforms(problem, *pairs[i])
+        return drawn[i]
 
     kept = problem.evaluate_soft(rows, q_filled[rows], uniforms).double().cpu()
     removed = problem.evaluate_soft(rows, 1 - q_filled[rows], uniforms).double().cpu()
@@ -263,27 +270,28 @@ def soft_erasure(problem: AttributionProblem, scores: Tensor, n_samples: int = 8
     return SoftErasure(scale(fx), scale(fb), kept, removed)
 
 
-def soft_sufficiency_from(e: SoftErasure) -> Tensor:
+def soft_sufficiency_from(e: SoftErasure, min_gap: float = 0.01) -> Tensor:
     """Soft normalised sufficiency (Soft-NS, Zhao & Aletras, 2023), mean over the masks:
     ``max(0, S(x') - S(0)) / (1 - S(0))`` with ``S(x') = 1 - max(0, p - p(x'))``, ``x'`` the
     prompt with the features kept with probability ``q``, ``S(0)`` the sufficiency of the
-    empty prompt (every feature removed). Higher is better; NaN where ``p <= p0`` (removing
-    everything does not lower the answer: nothing to normalise by)."""
+    empty prompt (every feature removed). Higher is better; NaN where ``p - p0 < min_gap``
+    (removing everything barely lowers the answer: dividing by that gap would let a few such
+    examples dominate the mean)."""
     gap = (e.p - e.p0)[:, None]
     s_soft = 1 - (e.p[:, None] - e.kept).clamp(min=0)
     s_zero = 1 - gap.clamp(min=0)
     ns = (s_soft - s_zero).clamp(min=0) / gap.clamp(min=1e-300)
-    return torch.where(gap[:, 0] > GAP_EPS, ns.mean(-1), torch.full_like(e.p, math.nan))
+    return torch.where(gap[:, 0] >= min_gap, ns.mean(-1), torch.full_like(e.p, math.nan))
 
 
-def soft_comprehensiveness_from(e: SoftErasure) -> Tensor:
+def soft_comprehensiveness_from(e: SoftErasure, min_gap: float = 0.01) -> Tensor:
     """Soft normalised comprehensiveness (Soft-NC, Zhao & Aletras, 2023), mean over the
     masks: ``max(0, p - p(x')) / (1 - S(0))``, ``x'`` the prompt with the features kept with
     probability ``1 - q`` (the important ones mostly removed). Higher is better; NaN where
-    ``p <= p0``."""
+    ``p - p0 < min_gap``."""
     gap = (e.p - e.p0)[:, None]
     nc = (e.p[:, None] - e.removed).clamp(min=0) / gap.clamp(min=1e-300)
-    return torch.where(gap[:, 0] > GAP_EPS, nc.mean(-1), torch.full_like(e.p, math.nan))
+    return torch.where(gap[:, 0] >= min_gap, nc.mean(-1), torch.full_like(e.p, math.nan))
 
 
 def leave_one_out(problem: AttributionProblem) -> Tensor:
@@ -318,6 +326,13 @@ def relative_completeness_error(total: Tensor, fx: Tensor, fb: Tensor) -> Tensor
     return torch.where(gap.abs() > GAP_EPS, err, torch.full_like(err, math.nan))
 
 
+def salted_seed(seed: int, salt: int, draw: int = 0) -> int:
+    """A generator seed for a metric's draws (``salt``, its ``draw``-th) of the row seeded
+    ``seed``: far from the small seeds that rows and methods use (``seed + salt`` would equal
+    another row's seed plus another salt), so no metric re-draws a method's samples."""
+    return ((seed + salt) * 1_000_003 + draw) % 2**63
+
+
 def _row_noise(
     problem: AttributionProblem, samples: int, width: int, kind: str, salt: int = 0
 ) -> Tensor:
@@ -331,7 +346,9 @@ def _row_noise(
     out = torch.zeros(problem.n_rows * samples, max(n), width)
     for b in range(problem.n_rows):
         seed = problem.seeds[b]
-        gen = None if seed is None else torch.Generator().manual_seed(seed + salt)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(salted_seed(seed, salt) if salt else seed)
         if kind == "normal":
             x = torch.randn(samples, n[b], width, generator=gen)
         else:
@@ -365,15 +382,17 @@ def infidelity(
 
     ``perturbation="removal"`` (the default): each feature is removed (moved to its baseline,
     ``I_j = 1``) with probability ``remove_prob``, independently: Yeh et al.'s removal
-    perturbations (their "square removal" for images; over subsets, the explanation that
-    minimises infidelity is a Shapley-type value), so ``I . s`` is the drop the scores predict
-    for the removed set and ``f(x) - f(x - I)`` the drop that happens. ``"gaussian"``: every
-    feature moves by ``I_j ~ N(0, noise_std^2)`` along its segment; on a model that is sure of
-    its answer ``f`` barely moves for small steps and falls off a cliff for larger ones, so no
-    additive explanation fits it (the reason removal is the default; see docs/metrics.md).
-    Draws are seeded per row (:data:`INFIDELITY_SALT`), the same for every method.
-    ``normalize`` (Captum's option) rescales the scores by the least-squares optimal factor
-    first, so methods whose scores differ only in scale score the same.
+    perturbations (their "square removal" for images), so ``I . s`` is the drop the scores
+    predict for the removed set and ``f(x) - f(x - I)`` the drop that happens; the scores
+    that minimise it are the least-squares additive fit of the drops under this distribution
+    (Yeh et al. show Shapley values are the minimiser under the Shapley kernel's).
+    ``"gaussian"``: every feature moves by ``I_j ~ N(0, noise_std^2)`` along its segment; on
+    a model that is sure of its answer ``f`` barely moves for small steps and falls off a
+    cliff for larger ones, so no additive explanation fits it (the reason removal is the
+    default; see docs/metrics.md). Draws are seeded per row (:func:`salted_seed` with
+    :data:`INFIDELITY_SALT`), the same for every method. ``normalize`` (Captum's option)
+    rescales the scores by the least-squares optimal factor first, so methods whose scores
+    differ only in scale score the same.
 
     Returns Captum's value, in squared units of ``f``; the ``infidelity`` metric reports its
     square root. Lower is better. ``[batch]`` float64.

@@ -5,7 +5,7 @@ returns one value per row (NaN where the value is undefined, e.g. fewer than two
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -105,6 +105,16 @@ def spearman(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return pearson(average_ranks(a, mask), average_ranks(b, mask), mask)
 
 
+def _ranked_rows(scores: Tensor, labels: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(row, labels, scores)`` of every row with a positive and a negative, its ignored
+    items (label -1) dropped: the rows where a precision is defined. float64 on the CPU."""
+    for row in range(scores.shape[0]):
+        keep = labels[row] >= 0
+        y = labels[row][keep].double().cpu()
+        if 0 < float(y.sum()) < len(y):
+            yield row, y, scores[row][keep].double().cpu()
+
+
 def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     """Area under the precision-recall curve as scikit-learn's ``average_precision_score``
     computes it: ``sum_t (R_t - R_{t-1}) P_t`` over the distinct score thresholds.
@@ -118,13 +128,8 @@ def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
         ``[batch]`` float64; NaN for a row without a positive or without a negative.
     """
     out = torch.full((scores.shape[0],), math.nan, dtype=torch.float64)
-    for row in range(scores.shape[0]):
-        keep = labels[row] >= 0
-        y = labels[row][keep].double().cpu()
-        s = scores[row][keep].double().cpu()
+    for row, y, s in _ranked_rows(scores, labels):
         n_pos = float(y.sum())
-        if n_pos == 0 or n_pos == len(y):
-            continue
         order = torch.sort(s, descending=True, stable=True).indices
         s, y = s[order], y[order]
         tp = torch.cumsum(y, 0)
@@ -153,12 +158,42 @@ def expected_average_precision(n_pos: Tensor, n: Tensor) -> Tensor:
     return (harmonic + slope * (n - harmonic)) / n.clamp(min=1)
 
 
+def tie_averaged_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Average precision ``(1/P) sum over positives of the precision at their rank``, with
+    tied scores in every order equally likely (the expectation over the orders of each block
+    of ties, exact): equal to :func:`average_precision` without ties, and to a random
+    ranking's expected AP (:func:`expected_average_precision`) for constant scores, where
+    scikit-learn's convention (one threshold per block) gives the base rate instead.
+
+    A block of ``m`` tied items with ``k`` positives, below ``a`` items holding ``A``
+    positives, adds ``k/m * sum_{j=1..m} (A + 1 + (j-1)(k-1)/(m-1)) / (a + j)``: a positive is
+    equally likely at each place ``j`` of its block, with ``(j-1)(k-1)/(m-1)`` of the block's
+    other positives before it on average. ``[batch, n]`` x2 -> ``[batch]`` float64, NaN for a
+    row without a positive or without a negative."""
+    out = torch.full((scores.shape[0],), math.nan, dtype=torch.float64)
+    for row, y, s in _ranked_rows(scores, labels):
+        n_pos = float(y.sum())
+        values, inverse = torch.unique(s, return_inverse=True)  # ascending
+        total, above, pos_above = 0.0, 0, 0.0
+        for block in range(len(values) - 1, -1, -1):
+            members = inverse == block
+            m, k = int(members.sum()), float(y[members].sum())
+            if k:
+                j = torch.arange(1, m + 1, dtype=torch.float64)
+                others = (j - 1) * (k - 1) / (m - 1) if m > 1 else torch.zeros(1)
+                total += k / m * float(((pos_above + 1 + others) / (above + j)).sum())
+            above += m
+            pos_above += k
+        out[row] = total / n_pos
+    return out.to(scores.device)
+
+
 def normalised_average_precision(scores: Tensor, labels: Tensor) -> Tensor:
-    """``(AP - E[AP]) / (1 - E[AP])``: average precision (:func:`average_precision`) rescaled
+    """``(AP - E[AP]) / (1 - E[AP])``: average precision (:func:`tie_averaged_precision`) rescaled
     so that a random ranking scores 0 in expectation (:func:`expected_average_precision`) and
     a perfect one 1; negative for a ranking worse than chance. ``[batch]`` float64, NaN for a
     row without a positive or without a negative."""
-    ap = average_precision(scores, labels).cpu()
+    ap = tie_averaged_precision(scores, labels).cpu()
     keep = labels.cpu() >= 0
     expected = expected_average_precision(((labels.cpu() == 1) & keep).sum(-1), keep.sum(-1))
     return ((ap - expected) / (1 - expected).clamp(min=1e-12)).to(scores.device)
@@ -171,13 +206,8 @@ def normalised_precision_at_positives(scores: Tensor, labels: Tensor) -> Tensor:
     count in proportion (the expectation over orders of the ties), so constant scores score
     exactly 0. ``[batch]`` float64, NaN for a row without a positive or without a negative."""
     out = torch.full((scores.shape[0],), math.nan, dtype=torch.float64)
-    for row in range(scores.shape[0]):
-        keep = labels[row] >= 0
-        y = labels[row][keep].double().cpu()
-        s = scores[row][keep].double().cpu()
+    for row, y, s in _ranked_rows(scores, labels):
         n, n_pos = len(y), int(y.sum())
-        if n_pos == 0 or n_pos == n:
-            continue
         cut = torch.sort(s, descending=True).values[n_pos - 1]  # the P-th largest score
         above = s > cut
         tied = s == cut

@@ -3,6 +3,8 @@ is its class (:mod:`tokattr.metrics.classes`) and one line here."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from tokattr.metrics.classes import (
     LDS,
     CompletenessError,
@@ -54,7 +56,15 @@ APPLIES_TO: dict[str, frozenset[str]] = {
 apply to every method."""
 
 
-def applies(metric: str, method: str) -> bool:
-    """Whether ``metric`` is computed for ``method``."""
+def applies(metric: str, method: str, methods: Collection[str] | None = None) -> bool:
+    """Whether ``metric`` is computed for ``method``. Given the run's ``methods``, a metric
+    of a few methods (``applies_to``) is computed for the ``random`` control only when one of
+    those methods is in the run: the control is there to be compared with them."""
     allowed = METRICS[metric].applies_to
-    return allowed is None or method in allowed
+    if allowed is None:
+        return True
+    if method not in allowed:
+        return False
+    if method == "random" and methods is not None:
+        return any(m != "random" and m in allowed for m in methods)
+    return True

@@ -29,7 +29,7 @@ from tokattr.report.figures import (
     metrics_figure,
 )
 from tokattr.report.load import HEADLINE_K, Run, headline_metrics, load_run, method_costs
-from tokattr.sanity import CONTROL, NOT_DISCRIMINATING
+from tokattr.sanity import CONTROL, NOT_DISCRIMINATING, best_separation
 from tokattr.table import format_value
 
 
@@ -167,27 +167,19 @@ def _checks_html(run: Run) -> str:
     head = [f'<th class="sortable" title="click to sort">{_esc(t)}</th>' for t in titles]
     body = []
     for c in checks:
-        mine = [s for s in run.sanity if s.metric == c.metric and not math.isnan(s.effect)]
-        best = max(mine, key=lambda s: s.effect, default=None)
+        best = best_separation(run.sanity, c.metric)
         shown = (
             "—"
             if best is None
             else f"{best.method}: {format_value(best.effect)} [{format_value(best.ci_low)}, "
             f"{format_value(best.ci_high)}]"
         )
-        verdict = NOT_DISCRIMINATING if c.flagged else "ok" if c.methods else "no control"
+        verdict = c.verdict
         cells = [c.metric, f"{c.discriminated}/{c.methods}", shown]
         cells += [format_value(c.resolution), format_value(c.rank_agreement), verdict]
         keys = [c.metric, c.discriminated, best.effect if best else "", c.resolution]
         keys += [c.rank_agreement, verdict]
-        body.append(
-            "<tr>"
-            + "".join(
-                f'<td data-sort="{_esc(k)}">{_esc(v)}</td>'
-                for k, v in zip(keys, cells, strict=True)
-            )
-            + "</tr>"
-        )
+        body.append(_sortable_row(keys, cells))
     return (
         "<h2>Metric checks</h2>\n"
         + _table("checks", head, body)
@@ -229,6 +221,12 @@ def _metric_table(run: Run, columns: list[tuple[str, str, bool]], table_id: str)
     return _table(table_id, head, body)
 
 
+def _sortable_row(keys: list[object], shown: list[str]) -> str:
+    """A table row whose cells sort by ``keys`` and show ``shown``."""
+    cells = (f'<td data-sort="{_esc(k)}">{_esc(v)}</td>' for k, v in zip(keys, shown, strict=True))
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
 def _table(table_id: str, head: list[str], body: list[str]) -> str:
     return (
         f'<table class="sortable" id="{table_id}">\n<thead><tr>{"".join(head)}</tr></thead>\n'
@@ -257,14 +255,7 @@ def _cost_html(run: Run) -> str:
             f"{c.evals_per_example:.0f}",
         ]
         keys = [c.method, c.examples, c.errors, c.time_s, c.ms_per_example, c.evals_per_example]
-        body.append(
-            "<tr>"
-            + "".join(
-                f'<td data-sort="{_esc(k)}">{_esc(s)}</td>'
-                for k, s in zip(keys, shown, strict=True)
-            )
-            + "</tr>"
-        )
+        body.append(_sortable_row(keys, shown))
     return (
         "<h2>Cost</h2>\n"
         + _table("cost", head, body)
