@@ -93,6 +93,7 @@ def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "one"
     run = _bench(out)
     assert run.returncode == 0, run.stderr[-3000:]
+    (out.parent / "one.stdout").write_text(run.stdout)
     return out
 
 
@@ -111,6 +112,8 @@ def test_outputs_of_one_process(one_process):
     assert head == "method,metric,k,mean,ci_low,ci_high,higher_is_better,n"
     summary = (one_process / "summary.md").read_text()
     assert "↑" in summary and "## Metric checks" in summary and "*told from random*" in summary
+    printed = (one_process.parent / "one.stdout").read_text()
+    assert "*told from random*" in printed and "## Metric checks" in printed
     sanity = (one_process / "metric_sanity.csv").read_text().splitlines()
     assert sanity[0] == "metric,method,effect,ci_low,ci_high,discriminates"
     # One row per metric x method other than the control (shapley_error: kernel_shap only).

@@ -550,7 +550,7 @@ def _random_ap_brute_force(y: np.ndarray) -> float:
     return float(np.mean(aps))
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 6])
+@pytest.mark.parametrize("n", [2, 3, 5])
 def test_expected_average_precision_equals_brute_force(n):
     for n_pos in range(1, n):
         y = np.array([1] * n_pos + [0] * (n - n_pos))
@@ -562,15 +562,15 @@ def test_tie_averaged_precision_is_the_mean_over_tie_orders():
     """Blocks of ties: the mean of scikit-learn's AP over every order of the tied items;
     without ties, scikit-learn's AP itself."""
     g = torch.Generator().manual_seed(3)
-    for _ in range(4):
-        s = torch.randint(0, 3, (7,), generator=g).float()
-        y = torch.randint(0, 2, (7,), generator=g)
+    for _ in range(3):
+        s = torch.randint(0, 3, (6,), generator=g).float()
+        y = torch.randint(0, 2, (6,), generator=g)
         y[0], y[1] = 1, 0
         aps = []
-        for perm in itertools.permutations(range(7)):
-            order = sorted(range(7), key=lambda i: (-float(s[i]), perm[i]))
-            ranked = np.zeros(7)
-            ranked[order] = np.arange(7, 0, -1)
+        for perm in itertools.permutations(range(6)):
+            order = sorted(range(6), key=lambda i: (-float(s[i]), perm[i]))
+            ranked = np.zeros(6)
+            ranked[order] = np.arange(6, 0, -1)
             aps.append(sklearn.metrics.average_precision_score(y.numpy(), ranked))
         got = tie_averaged_precision(s[None], y[None])
         assert got.item() == pytest.approx(float(np.mean(aps)))
@@ -604,14 +604,14 @@ def test_plausibility_precision_equals_brute_force():
 
 def test_plausibility_of_random_scores_is_zero_and_of_the_truth_one():
     g = torch.Generator().manual_seed(11)
-    rows, n = 4000, 13
+    rows, n = 1500, 13
     labels = (torch.rand(rows, n, generator=g) < 0.8).long()
     labels[:, 0], labels[:, 1] = 1, 0  # both classes on every row
     labels[:, 2] = -1  # an ignored token
     noise = torch.randn(rows, n, generator=g)
     for fn in (F.plausibility_auprc, F.plausibility_precision):
         assert fn(labels.float(), labels).tolist() == [1.0] * rows  # the indicator itself
-        assert abs(fn(noise, labels).mean().item()) < 0.02  # random: 0 in expectation
+        assert abs(fn(noise, labels).mean().item()) < 0.03  # random: 0 in expectation
         # Constant scores carry no ranking: exactly chance, whichever normalisation.
         assert fn(torch.ones(rows, n), labels).abs().max().item() < 1e-12
         assert fn(-labels.float() + 5, labels).max().item() < 0  # the wrong tokens on top
@@ -635,7 +635,10 @@ def test_shapley_plausibility_and_randomization_equal_references():
         if r != 2:
             y = labels[r][labels[r] >= 0].numpy()
             sc = s[r][labels[r] >= 0].abs().numpy()
-            expected = _random_ap_brute_force(y)
+            # E[AP] of a random ranking: checked against brute force in its own test.
+            expected = expected_average_precision(
+                torch.tensor([int(y.sum())]), torch.tensor([len(y)])
+            ).item()
             ref = (sklearn.metrics.average_precision_score(y, sc) - expected) / (1 - expected)
             assert ap[r].item() == pytest.approx(ref)
     nan_row = torch.full((1, 7), math.nan)

@@ -45,6 +45,7 @@ from tokattr.results import (
     merge,
 )
 from tokattr.rows import ResultRow, RunIdentity
+from tokattr.sanity import sanity_markdown
 from tokattr.validation import check_bench_target, known_methods
 
 
@@ -362,6 +363,9 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     table = merge(out_dir, ids, methods, module.metric_params, cfg.n_bootstrap)
     print(table.to_markdown())
     print()
+    if table.sanity:
+        print(sanity_markdown(table.checks, table.sanity))
+        print()
     rows = _rows_in_order(out_dir)
     print(cost_markdown(rows, methods))
     errors = error_summary(rows)
@@ -371,7 +375,7 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     print(
         f"\n{len(examples)} examples x {len(methods)} methods in "
         f"{time.perf_counter() - start:.1f} s -> {out_dir}/attributions.jsonl, metrics.csv, "
-        "summary.md"
+        "metric_sanity.csv, summary.md"
     )
     return 0
 
