@@ -147,3 +147,26 @@ def test_lockstep_matches_uneven_passes_and_leaves_the_model_as_sharded(tmp_path
     assert r[0]["diff"] <= 1e-6 and r[1]["diff"] <= 1e-6, r
     assert (r[0]["passes"], r[1]["passes"]) == (2, 5)
     assert r[0]["passes"] + r[0]["dummies"] == r[1]["passes"] + r[1]["dummies"]
+
+
+@pytest.mark.parametrize("method", ["value_zeroing", "exact_shapley", "occlusion"])
+def test_company_passes_leave_a_rank_own_work_alone(method, monkeypatch):
+    """A rank whose own pass runs without gradients (in inference mode, as the perturbation
+    passes do) while another rank's needs one runs a gradient dummy pass first; hooks that
+    capture the method's own passes (value zeroing's) skip it. Scores as without the
+    lockstep. (Votes stubbed: every round first asks for a gradient pass.)"""
+    from _tiny import tiny_lm
+
+    from tokattr.attribution import attribute
+    from tokattr.lightning.sharding import Lockstep
+
+    lm = tiny_lm("llama")
+    kw = {"target": "35"}
+    want = attribute(lm, "7x5=", method, **kw)
+    lockstep = Lockstep(lm.model)
+    votes = iter([2, 1] * 10_000)
+    monkeypatch.setattr(lockstep, "_vote", lambda kind: max(kind, next(votes)))
+    with lockstep:
+        got = attribute(lm, "7x5=", method, **kw)
+    assert lockstep.dummies > 0
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-6, rtol=1e-5)

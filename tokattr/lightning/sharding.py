@@ -86,8 +86,12 @@ class Lockstep:
         """A one-token pass of ``kind``, to run the round's collectives beside another rank."""
         model = self.model
         emb = model.get_input_embeddings()
-        token = torch.zeros(1, 1, dtype=torch.long, device=emb.weight.device)
-        with torch.set_grad_enabled(kind == 2):
+        # A gradient pass even where this rank's own pass runs in inference mode (the
+        # coalition and occlusion passes do).
+        from tokattr.methods.internals import company_pass
+
+        with company_pass(), torch.inference_mode(False), torch.set_grad_enabled(kind == 2):
+            token = torch.zeros(1, 1, dtype=torch.long, device=emb.weight.device)
             x = emb(token).detach().requires_grad_(kind == 2)
             out = type(model).forward(model, inputs_embeds=x, use_cache=False)
             if kind == 2:

@@ -9,12 +9,33 @@ class) for the block and restores the implementation it had after it, also on er
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from tokattr.methods.problem import AttributionProblem
+
+_COMPANY = threading.local()
+
+
+@contextlib.contextmanager
+def company_pass() -> Iterator[None]:
+    """Marks a pass run only to keep other processes company (a sharded model's dummy pass,
+    :class:`tokattr.lightning.sharding.Lockstep`): hooks that capture a method's own passes
+    skip it (:func:`in_company_pass`)."""
+    before = getattr(_COMPANY, "on", False)
+    _COMPANY.on = True
+    try:
+        yield
+    finally:
+        _COMPANY.on = before
+
+
+def in_company_pass() -> bool:
+    """Whether this thread is inside :func:`company_pass`."""
+    return getattr(_COMPANY, "on", False)
 
 
 def needs_model(problem: AttributionProblem, method: str) -> nn.Module:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tokattr.methods.internals import check_layer, needs_model, query_columns
+from tokattr.methods.internals import check_layer, in_company_pass, needs_model, query_columns
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 ZeroFn = Callable[[Tensor, Tensor], Tensor]
@@ -94,9 +94,12 @@ def value_zeroing_matrices(
     hooks = []
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs, None))  # type: ignore[arg-type]
+        if not in_company_pass():  # not a sharded model's pass beside another rank's
+            captured.append((args, kwargs, None))  # type: ignore[arg-type]
 
     def post(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        if in_company_pass():
+            return
         a, k, _ = captured[-1]
         captured[-1] = (a, k, _hidden(out).detach())
 
