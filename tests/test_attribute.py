@@ -534,7 +534,8 @@ def test_attribute_command_options_parse(tmp_path):
     auto_cli(attribute_command, args=argv, as_positional=False)
     records = json.loads(out.read_text())
     assert [r["prompt"] for r in records] == [SHORT, SHORT, "9=", "9="]
-    assert records[0]["params"] == {"n_samples": 12} and records[0]["seed"] == 3
+    assert records[0]["params"] == {"n_samples": 12, "prefix_reuse": True}
+    assert records[0]["seed"] == 3
     assert records[0]["baseline"] == "zero" and records[2]["target"] == "9"
 
 

@@ -5,6 +5,9 @@
 - :mod:`~tokattr.engine.packing` — packed tree passes (:class:`Branches`).
 - :mod:`~tokattr.engine.tail` — the last-MLP cut on the scored columns.
 - :mod:`~tokattr.engine.loo` — leave-one-out (occlusion and ``loo_kendall_tau``).
+- :mod:`~tokattr.engine.coalitions` — coalitions re-run from where they differ from an
+  earlier one (Kernel SHAP, Shapley sampling, exact Shapley, LIME, ContextCite, erasure
+  curves).
 - :mod:`~tokattr.engine.memory` — how many sequences a pass may hold.
 - :mod:`~tokattr.engine.capabilities` — which of these a model supports, probed once.
 

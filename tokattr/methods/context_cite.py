@@ -40,6 +40,11 @@ class ContextCite(Method):
             answer's log-probability (``target_fn="log_prob"``), else the target as it is
             (``prob``, ``logit``, ``contrast``, a custom function); ``True``: always (the
             target must be a log-probability, values <= 0); ``False``: never.
+        prefix_reuse: re-run each ablation only from where it first differs from a
+            neighbouring one (in lexicographic order) or from the row: the columns before the
+            first feature (a system prompt, instructions) run once per row
+            (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`, where the target
+            allows it and it saves enough); ``False``: full passes.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class ContextCite(Method):
         keep_prob: float = 0.5,
         alpha: float = 0.01,
         logit: bool | None = None,
+        prefix_reuse: bool = True,
     ) -> None:
         if not isinstance(n_ablations, int) or n_ablations < 2:
             raise ValueError(
@@ -59,10 +65,15 @@ class ContextCite(Method):
             raise ValueError(f"context_cite: alpha must be >= 0, got {alpha!r}")
         if logit is not None and not isinstance(logit, bool):
             raise ValueError(f"context_cite: logit must be True, False or None, got {logit!r}")
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(
+                f"context_cite: prefix_reuse must be True or False, got {prefix_reuse!r}"
+            )
         self.n_ablations = n_ablations
         self.keep_prob = float(keep_prob)
         self.alpha = float(alpha)
         self.logit = logit
+        self.prefix_reuse = prefix_reuse
 
     def masks(self, problem: AttributionProblem) -> Tensor:
         """Each row's ablations, ``[batch, n_ablations, n_max]`` bool (True past a row's
@@ -78,7 +89,8 @@ class ContextCite(Method):
         keep = self.masks(problem)  # [batch, m, n_max]
         n_rows, m, n_max = keep.shape
         rows = torch.arange(n_rows).repeat_interleave(m)
-        y = problem.evaluate(rows, keep.view(-1, n_max)).double().cpu().view(n_rows, m)
+        y = problem.evaluate(rows, keep.view(-1, n_max), share_prefixes=self.prefix_reuse)
+        y = y.double().cpu().view(n_rows, m)
         if self.logit or (self.logit is None and problem.log_prob_target):
             if bool((y > 0).any()):
                 raise ValueError(

@@ -26,18 +26,32 @@ class ExactShapley(Method):
     Refuses rows with more than ``max_tokens`` features (2^16 = 65,536 sequences at the
     default).
 
+    Prefix reuse (``prefix_reuse``, default; built-in targets on models with a key/value
+    cache): a coalition re-runs only from its last kept feature on, over the key/value states
+    of the same coalition without that feature, so the 2^n coalitions cost about as many
+    columns as 2^(n+1) single ones, the nodes of a binary trie over the features in column
+    order, instead of 2^n full sequences
+    (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`).
+
     Args:
         max_tokens: the most features (tokens by default) a row may have, >= 1.
+        prefix_reuse: compute the columns a coalition shares with a smaller one once;
+            ``False``: full passes.
     """
 
     gives_exact_shapley = True
 
-    def __init__(self, max_tokens: int = 16) -> None:
+    def __init__(self, max_tokens: int = 16, prefix_reuse: bool = True) -> None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(
                 f"exact_shapley: max_tokens must be an integer >= 1, got {max_tokens!r}"
             )
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(
+                f"exact_shapley: prefix_reuse must be True or False, got {prefix_reuse!r}"
+            )
         self.max_tokens = max_tokens
+        self.prefix_reuse = prefix_reuse
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         n_features = problem.n_features.tolist()
@@ -51,11 +65,18 @@ class ExactShapley(Method):
                 "max_tokens."
             )
         n_max = too_long
-        rows, keeps = [], []
+        rows, keeps, parents = [], [], []
+        base = 0
         for b, n in enumerate(n_features):
             keeps.append(_coalitions(n, n_max))
             rows.append(torch.full((2**n,), b, dtype=torch.long))
-        values = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()  # [sum 2^n]
+            last = _without_last(n)
+            parents.append(torch.where(last >= 0, base + last, -1))
+            base += 2**n
+        values = problem.evaluate(
+            torch.cat(rows), torch.cat(keeps), parents=torch.cat(parents),
+            share_prefixes=self.prefix_reuse,
+        ).double().cpu()  # [sum 2^n]  # fmt: skip
         phi = torch.zeros(problem.n_rows, n_max, dtype=torch.float64)  # [batch, n_max]
         start = 0
         for b, n in enumerate(n_features):
@@ -71,6 +92,16 @@ def _coalitions(n: int, width: int) -> Tensor:
     keep = (codes >> torch.arange(n)[None]) & 1  # [2^n, n]
     pad = torch.ones(2**n, width - n, dtype=torch.long)
     return torch.cat([keep, pad], dim=1).bool()
+
+
+def _without_last(n: int) -> Tensor:
+    """For each coalition code ``c`` of ``n`` players, the code of the coalition without its
+    last (highest) member; -1 for the empty coalition. ``[2^n]``"""
+    codes = torch.arange(2**n)
+    top = torch.zeros_like(codes)
+    for i in range(n):
+        top = torch.where((codes >> i) & 1 == 1, 1 << i, top)
+    return torch.where(codes > 0, codes - top, -1)
 
 
 def shapley_from_values(values: Tensor, n: int) -> Tensor:

@@ -120,14 +120,27 @@ class KernelShap(Method):
     prompts most draws repeat (44% of the sequences remain on the bundled model's 32 benchmark
     prompts with 200 samples).
 
+    Prefix reuse (``prefix_reuse``, default; built-in targets on models with a key/value
+    cache): the kernel favours coalitions of a few tokens or all but a few, so each coalition
+    re-runs only from where it first differs from the row (all kept) or from the row with
+    every feature removed (the two ends, which Kernel SHAP evaluates anyway), over that
+    sequence's key/value states (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`).
+
     Args:
         n_samples: coalitions sampled per row (the first two are all and none), >= 1.
+        prefix_reuse: compute the columns a coalition shares with either end once;
+            ``False``: full passes.
     """
 
-    def __init__(self, n_samples: int = 256) -> None:
+    def __init__(self, n_samples: int = 256, prefix_reuse: bool = True) -> None:
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"kernel_shap: n_samples must be an integer >= 1, got {n_samples!r}")
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(
+                f"kernel_shap: prefix_reuse must be True or False, got {prefix_reuse!r}"
+            )
         self.n_samples = n_samples
+        self.prefix_reuse = prefix_reuse
 
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         n_features = problem.n_features.tolist()
@@ -140,7 +153,11 @@ class KernelShap(Method):
             keeps.append(torch.cat([keep, pad], dim=1))  # [samples, n_max]
             weights.append(w)
             rows.append(torch.full((keep.shape[0],), b, dtype=torch.long))
-        values = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()
+        values = (
+            problem.evaluate(torch.cat(rows), torch.cat(keeps), share_prefixes=self.prefix_reuse)
+            .double()
+            .cpu()
+        )
         phi = torch.zeros(problem.n_rows, n_max, dtype=torch.float64)  # [batch, n_max]
         start = 0
         for b, n in enumerate(n_features):

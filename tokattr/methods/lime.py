@@ -35,10 +35,17 @@ class Lime(Method):
         n_samples: coalitions per row, >= 2.
         kernel_width: width of the similarity kernel, > 0.
         alpha: the LASSO penalty, >= 0 (0: weighted least squares).
+        prefix_reuse: re-run each coalition only from where it first differs from a
+            neighbouring one (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`,
+            where the target allows it and it saves enough); ``False``: full passes.
     """
 
     def __init__(
-        self, n_samples: int = 256, kernel_width: float = 1.0, alpha: float = 0.01
+        self,
+        n_samples: int = 256,
+        kernel_width: float = 1.0,
+        alpha: float = 0.01,
+        prefix_reuse: bool = True,
     ) -> None:
         if not isinstance(n_samples, int) or n_samples < 2:
             raise ValueError(f"lime: n_samples must be an integer >= 2, got {n_samples!r}")
@@ -46,9 +53,12 @@ class Lime(Method):
             raise ValueError(f"lime: kernel_width must be a number > 0, got {kernel_width!r}")
         if not isinstance(alpha, int | float) or alpha < 0:
             raise ValueError(f"lime: alpha must be a number >= 0, got {alpha!r}")
+        if not isinstance(prefix_reuse, bool):
+            raise ValueError(f"lime: prefix_reuse must be True or False, got {prefix_reuse!r}")
         self.n_samples = n_samples
         self.kernel_width = float(kernel_width)
         self.alpha = float(alpha)
+        self.prefix_reuse = prefix_reuse
 
     def masks(self, problem: AttributionProblem) -> Tensor:
         """Each row's coalitions, ``[batch, n_samples, n_max]`` bool (True past a row's
@@ -84,7 +94,8 @@ class Lime(Method):
         keep = self.masks(problem)  # [batch, s, n_max]
         n_rows, s, n_max = keep.shape
         rows = torch.arange(n_rows).repeat_interleave(s)
-        y = problem.evaluate(rows, keep.view(-1, n_max)).double().cpu().view(n_rows, s)
+        y = problem.evaluate(rows, keep.view(-1, n_max), share_prefixes=self.prefix_reuse)
+        y = y.double().cpu().view(n_rows, s)
         sim = self.similarity(problem, keep)  # [batch, s]
         weights = torch.zeros(n_rows, n_max, dtype=torch.float64)
         for b, n in enumerate(problem.n_features.tolist()):

@@ -252,17 +252,33 @@ class AttributionProblem:
         return torch.where(inside, alpha.gather(1, fid.clamp(0, width - 1)), 1.0).to(alpha.dtype)
 
     @torch.no_grad()
-    def evaluate(self, rows: Tensor, keep: Tensor) -> Tensor:
+    def evaluate(
+        self,
+        rows: Tensor,
+        keep: Tensor,
+        parents: Tensor | None = None,
+        share_prefixes: bool = False,
+    ) -> Tensor:
         """The target on rows with some features removed, ``batch_size`` sequences per forward.
         Each distinct perturbation of a row runs once (coalition samplers draw many repeats:
         the whole prompt ends every Shapley-sampling permutation, and Kernel SHAP's few likely
         coalition sizes on a short prompt have few members), so a row may put fewer sequences
         through the model than it has perturbations.
 
+        With ``share_prefixes`` (and a target that takes key/value prefixes, ``prefix_ok``),
+        each perturbation re-runs only from its first column that differs from its row, from
+        its row with every feature removed, or from its ``parents`` entry, whichever agrees
+        longest, over that sequence's key/value states
+        (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`); the scores are the
+        same to float rounding.
+
         Args:
             rows: ``[n]`` which row each perturbation belongs to.
             keep: ``[n, k]`` bool, whether the row's j-th feature is kept (``k <= n_max``;
                 slots past a row's features are ignored).
+            parents: ``[n]`` an earlier perturbation of the same row that each is likely to
+                agree with over many leading columns (index into ``rows``), or -1.
+            share_prefixes: compute leading columns shared with another sequence once.
 
         Returns:
             ``[n]`` target scores.
@@ -278,6 +294,18 @@ class AttributionProblem:
             torch.cat([rows[:, None], keep.long()], dim=1), dim=0, return_inverse=True
         )  # [m, 1 + k], [n]
         rows, keep = distinct[:, 0], distinct[:, 1:].bool()
+        if share_prefixes and self.prefix_ok:
+            from tokattr.engine.coalitions import evaluate_sharing_prefixes
+
+            own = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+            if parents is not None:
+                parents = parents.to(device)
+                named = (parents >= 0).nonzero().squeeze(-1)
+                own[repeat[named]] = repeat[parents[named]]
+                own = torch.where(own == torch.arange(len(rows), device=device), -1, own)
+            out = evaluate_sharing_prefixes(self, rows, self.keep_columns(rows, keep), own)
+            if out is not None:
+                return out[repeat]
 
         order = self.by_length(rows)
         rows, keep = rows[order], keep[order]

@@ -28,7 +28,7 @@ import captum.metrics
 import torch
 from torch import Tensor
 
-from tokattr.engine import loo
+from tokattr.engine import coalitions, loo
 from tokattr.methods.problem import AttributionProblem, Method
 from tokattr.metrics.ranking import (
     FRACTIONS,
@@ -81,13 +81,18 @@ class ErasureCurves:
 @torch.no_grad()
 def erasure_curves(problem: AttributionProblem, scores: Tensor) -> ErasureCurves:
     """Deletion and insertion curves of every row, every step in one batched pass
-    (``2 (n - 1) + 2`` target evaluations per row)."""
+    (``2 (n - 1) + 2`` target evaluations per row). Consecutive points of a curve differ in
+    one feature, so where it pays each re-runs only from that feature's first column over an
+    earlier point's key/value states
+    (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`)."""
     values, valid = feature_values(problem, scores)
     ranks = attribution_ranks(values, valid).cpu()  # [batch, n_max]
     n = problem.n_features.cpu()
     n_max = values.shape[1]
     fx, fb = endpoints(problem)
-    rows, keeps, where = [], [], []
+    rows, keeps, where, parents = [], [], [], []
+    base = 0
+    chains = 2 * problem.n_rows
     for b in range(problem.n_rows):
         steps = torch.arange(1, int(n[b]))  # interior steps; the ends are f(x), f(baseline)
         if steps.numel() == 0:
@@ -96,13 +101,23 @@ def erasure_curves(problem: AttributionProblem, scores: Tensor) -> ErasureCurves
         rows.append(torch.full((2 * len(steps),), b))
         keeps.append(torch.cat([~top, top]))  # deletion keeps the rest, insertion the top
         where.append(torch.stack([torch.full_like(steps, b), steps], -1))
+        # Each curve's points are nested, one feature apart: a point's parent is an earlier
+        # point of its curve (its first: the row or the empty row, found by the engine).
+        m = len(steps)
+        up = coalitions.chain_parents(m, coalitions.chain_length(m, chains, problem.batch_size))
+        for curve in (base, base + m):
+            parents.append(torch.where(up > 0, curve + up - 1, -1))
+        base += 2 * m
     deletion = torch.full((problem.n_rows, n_max + 1), math.nan, dtype=torch.float64)
     insertion = deletion.clone()
     idx = torch.arange(problem.n_rows)
     deletion[idx, 0], deletion[idx, n] = fx, fb
     insertion[idx, 0], insertion[idx, n] = fb, fx
     if rows:
-        f = problem.evaluate(torch.cat(rows), torch.cat(keeps)).double().cpu()
+        f = problem.evaluate(
+            torch.cat(rows), torch.cat(keeps), parents=torch.cat(parents), share_prefixes=True
+        )
+        f = f.double().cpu()
         offset = 0
         for w in where:
             m = len(w)
