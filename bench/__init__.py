@@ -12,9 +12,10 @@ What it measures, for every attribution method (``random`` excepted: it evaluate
 
 - **tokattr**: ``tokattr.attribute(lm, prompts, method, target=answers, baseline="pad",
   seed=0, batch_size=...)`` on the whole prompt set, seconds per prompt (the fastest round).
-  tokattr's defaults: occlusion reuses the unperturbed prefix's key/value states. Occlusion
-  also runs with ``prefix_reuse=False`` (implementation ``tokattr-full_sequences``), every
-  perturbed sequence in full.
+  tokattr's defaults: occlusion reuses the unperturbed prefix's key/value states, Kernel SHAP,
+  Shapley sampling and exact Shapley the states of an earlier coalition where that is
+  estimated to pay. These four also run with ``prefix_reuse=False`` (implementation
+  ``tokattr-full_sequences``), every perturbed sequence in full.
 - **captum**: Captum's ``LLMAttribution`` (``FeatureAblation``, ``ShapleyValueSampling``,
   ``KernelShap``) in teacher-forced mode (``forward_in_tokens=False``) and
   ``LLMGradientAttribution`` (``LayerIntegratedGradients``, ``LayerGradientXActivation``),

@@ -243,15 +243,19 @@ def model_methods(model: str) -> tuple[str, ...]:
     return tuple(m for m in BENCH_PARAMS if model == "arith-tiny" or m != "exact_shapley")
 
 
-def prefix_reuse_supported() -> bool:
-    """Whether tokattr's occlusion takes ``prefix_reuse``."""
-    return "prefix_reuse" in method_parameters("occlusion")
+PREFIX_REUSE_METHODS = ("occlusion", "kernel_shap", "shapley_sampling", "exact_shapley")
+"""The methods also timed with ``prefix_reuse=False`` (``tokattr-full_sequences``)."""
+
+
+def prefix_reuse_supported(method: str = "occlusion") -> bool:
+    """Whether tokattr's ``method`` takes ``prefix_reuse``."""
+    return "prefix_reuse" in method_parameters(method)
 
 
 def implementations(method: str) -> tuple[str, ...]:
     """Every implementation a method is timed in, tokattr's first (the peers compare to it)."""
     own = ["tokattr"]
-    if method == "occlusion":
+    if method in PREFIX_REUSE_METHODS:
         own.append("tokattr-full_sequences")
     return (*own, *PEERS[method])
 

@@ -299,6 +299,39 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         2.5,
     ),
+    *(
+        Target(
+            f"{m} <= {bound}x full-sequence floor",
+            "llama-100m",
+            f"len{n}",
+            m,
+            "tokattr",
+            "ratio_to_floor",
+            "<=",
+            bound,
+        )
+        for n in (64, 256)
+        for m, bound in (("occlusion", 0.6), ("kernel_shap", 0.8), ("shapley_sampling", 0.8))
+    ),
+    *(
+        Target(
+            f"{m} >= {bound}x Captum",
+            "llama-100m",
+            f"len{n}",
+            m,
+            "tokattr",
+            "speedup:captum",
+            ">=",
+            bound,
+        )
+        for n in (64, 256)
+        for m, bound in (
+            ("occlusion", 3),
+            ("kernel_shap", 1.5),
+            ("shapley_sampling", 1.5),
+            ("integrated_gradients", 3),
+        )
+    ),
     Target(
         "occlusion (prefix reuse), 256 tokens < 1.0x full-sequence floor",
         "llama-100m",

@@ -98,7 +98,7 @@ class Session:
     def tokattr_kwargs(self, method: str, impl: str, params: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of ``tokattr.attribute`` for a tokattr implementation."""
         kwargs = dict(params)
-        if impl == "tokattr-full_sequences":  # tokattr's occlusion reuses prefixes by default
+        if impl == "tokattr-full_sequences":  # prefix reuse is on by default
             kwargs["prefix_reuse"] = False
         return kwargs
 

@@ -98,8 +98,8 @@ def test_perf(benchmark: Any, session: Session, case: tuple[str, str, str, str])
     assert params is not None
     if impl in ("captum", "inseq") and impl not in cfg.peers:
         _skip(session, row, f"peer {impl} disabled (--bench-peers)")
-    if impl == "tokattr-full_sequences" and not h.prefix_reuse_supported():
-        _skip(session, row, "tokattr's occlusion has no prefix_reuse parameter")
+    if impl == "tokattr-full_sequences" and not h.prefix_reuse_supported(method):
+        _skip(session, row, f"tokattr's {method} has no prefix_reuse parameter")
     if impl == "inseq" and (why := h.inseq_unavailable()):
         _skip(session, row, why)
 
