@@ -43,6 +43,15 @@ METHODS: dict[str, dict[str, Any]] = {
 """The default methods and their parameters: the one-pass methods and IG with 8 steps (on 2
 CPU cores a 4,096-token forward and backward of this model takes about a minute, so the
 perturbation methods' thousands of passes do not fit a session there; on a GPU add them)."""
+OTHER_METHODS: dict[str, dict[str, Any]] = {
+    "kernel_shap": {"n_samples": 16},
+    "context_cite": {"n_ablations": 16, "features": "separator:;"},
+    "occlusion": {},
+    "shapley_sampling": {"n_samples": 1},
+}
+"""Parameters of methods run only when named (``--methods``): few coalitions, so a 4,096-token
+prompt costs minutes on a CPU (ContextCite's features are the prompt's demonstrations).
+Occlusion and Shapley sampling at these lengths run one pass per token: a GPU job."""
 
 
 def save_model() -> Path:
@@ -58,7 +67,9 @@ def save_model() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024, 2048, 4096])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *OTHER_METHODS]
+    )
     parser.add_argument("--budget-gib", type=float, default=4.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default=None)
@@ -89,7 +100,7 @@ def main() -> None:
                 "prompt": prompt,
                 "answer": answer,
                 "method": method,
-                "params": METHODS.get(method, {}),
+                "params": {**OTHER_METHODS, **METHODS}.get(method, {}),
                 "batch_size": None,
                 "memory_budget": None if method == "forward" else budget,
                 "device": args.device,
@@ -106,7 +117,9 @@ def main() -> None:
     records.sort(
         key=lambda r: (
             r["length"],
-            list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS),
+            [*METHODS, *OTHER_METHODS].index(r["method"])
+            if r["method"] in {**METHODS, **OTHER_METHODS}
+            else len(METHODS) + len(OTHER_METHODS),
         )
     )
     floor = {
