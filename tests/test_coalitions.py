@@ -149,7 +149,7 @@ def test_plan_against_brute_force():
     for i in range(1, len(rows)):
         if rows[i] == rows[i - 1] and i % 3:
             named[i] = i - 1
-    entry_rows, parent, start, wave = coalitions.plan(problem, rows, col_keep, named)
+    entry_rows, parent, start, wave, source = coalitions.plan(problem, rows, col_keep, named)
     m, seq = col_keep.shape
     u = (len(entry_rows) - m) // 2
     x = torch.cat([col_keep, torch.ones(u, seq, dtype=torch.bool)])
@@ -166,7 +166,10 @@ def test_plan_against_brute_force():
 
         if agree(full_i) == seq or agree(full_i + u) == seq:  # the coalition is a trunk
             assert parent[i] == -1 and wave[i] == -1
+            assert source[i] == (full_i if agree(full_i) == seq else full_i + u)
+            assert wave[source[i]] == 0  # the trunk is computed
             continue
+        assert source[i] == i
         p = int(parent[i])
         assert torch.equal(x[i, : start[i]], x[p, : start[i]]) and x[i, start[i]] != x[p, start[i]]
         assert int(start[i]) == max(agree(j) for j in candidates)

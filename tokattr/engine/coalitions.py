@@ -55,7 +55,6 @@ def sorted_neighbours(rows: Tensor) -> Tensor:
     ``log2(m)`` waves, each sharing its leading columns with a close neighbour. ``[m]``"""
     m = len(rows)
     idx = torch.arange(m, device=rows.device)
-    first = torch.zeros_like(idx)
     change = torch.ones(m, dtype=torch.bool, device=rows.device)
     change[1:] = rows[1:] != rows[:-1]
     first = torch.cummax(torch.where(change, idx, 0), 0).values
@@ -88,7 +87,7 @@ def chain_length(n: int, chains: int, batch_size: int) -> int:
 
 def plan(
     problem: AttributionProblem, rows: Tensor, col_keep: Tensor, parents: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Parents, start columns and waves of the coalitions ``rows``/``col_keep`` (``[m]``,
     ``[m, seq]`` per-column keep flags, distinct) with the method's ``parents`` ``[m]`` (an
     index into them, or -1).
@@ -97,7 +96,9 @@ def plan(
     empty trunk of each of the ``u`` rows (``rows`` of the entries ``[m + 2 u]``). For each
     entry: its parent entry (-1: none, computed from its first column), the column it is
     computed from, and its wave (-1: not computed: a coalition equal to a trunk, or a trunk
-    nobody uses). ``(entry rows, parent, start, wave)``, ``[m + 2u]`` each."""
+    nobody uses). And for each coalition the entry whose value it takes (itself, or the
+    trunk it equals). ``(entry rows, parent, start, wave)``, ``[m + 2u]`` each, and
+    ``source`` ``[m]``."""
     device = col_keep.device
     m, seq = col_keep.shape
     feat = problem.feature_mask[rows]  # [m, seq]
@@ -110,10 +111,7 @@ def plan(
     alias = torch.arange(m + 2 * u, device=device)
     is_full, is_none = off_full == seq, off_none == seq
     alias[:m] = torch.where(is_full, full_i, torch.where(is_none, none_i, alias[:m]))
-    # The better trunk (ties: the row itself).
-    use_none = off_none > off_full
-    parent = torch.where(use_none, none_i, full_i)
-    start = torch.where(use_none, off_none, off_full)
+    parent, start = _better_trunk(off_full, off_none, full_i, none_i)
     if not bool((parents >= 0).any()):
         parents = sorted_neighbours(rows)
     # The method's parent, where it agrees longer than the trunk.
@@ -146,7 +144,7 @@ def plan(
         todo &= ~ready
     if todo.any():
         raise ValueError("the coalitions' parents form a cycle")
-    return entry_rows, parent, start, wave
+    return entry_rows, parent, start, wave, alias[:m]
 
 
 @torch.inference_mode()
@@ -159,7 +157,7 @@ def evaluate_sharing_prefixes(
     less than :data:`MIN_SAVING` of the columns (the caller then runs full passes). ``[m]``"""
     device = col_keep.device
     m, seq = col_keep.shape
-    entry_rows, parent, start, wave = plan(problem, rows, col_keep, parents)
+    entry_rows, parent, start, wave, source = plan(problem, rows, col_keep, parents)
     u = (len(entry_rows) - m) // 2
     overhead = pass_overhead_tokens(problem)
     shared_overhead = overhead + pass_overhead_tokens(problem, CACHE_PASS_S)
@@ -209,13 +207,7 @@ def evaluate_sharing_prefixes(
             shared_overhead,
         )  # fmt: skip
         store_prev = store
-    out = values[:m].clone()
-    alias_full = first_true(problem.feature_mask[rows] & ~col_keep) == seq
-    alias_none = first_true(problem.feature_mask[rows] & col_keep) == seq
-    _, at = torch.unique(rows, return_inverse=True)
-    out = torch.where(alias_full, values[m + at], out)
-    out = torch.where(alias_none, values[m + u + at], out)
-    return out
+    return values[source]
 
 
 def _trunk_parent(
@@ -230,10 +222,17 @@ def _trunk_parent(
     full_i, none_i = m + slot, m + u + slot
     off_full = torch.where(wave[full_i] == 0, off_full, -1)
     off_none = torch.where(wave[none_i] == 0, off_none, -1)
-    use_none = off_none > off_full
-    parent = torch.where(use_none, none_i, full_i)
-    start = torch.maximum(off_full, off_none)
+    parent, start = _better_trunk(off_full, off_none, full_i, none_i)
     return torch.where(start > 0, parent, -1), start.clamp(min=0)
+
+
+def _better_trunk(
+    off_full: Tensor, off_none: Tensor, full_i: Tensor, none_i: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The trunk a coalition agrees with longer (ties: the row itself) and where it first
+    differs from it, from the first columns where it differs from each."""
+    use_none = off_none > off_full
+    return torch.where(use_none, none_i, full_i), torch.where(use_none, off_none, off_full)
 
 
 def _state_bytes_per_token(problem: AttributionProblem) -> int:
@@ -323,19 +322,16 @@ def _run_wave(
         keep = x_keep[e][:, cols, None]
         x = torch.where(keep, problem.embeds[r, cols], problem.baselines[r, cols])
         inputs = problem.inputs.select(r, cols)
-        if offset <= cols.start or not sources:
-            cache = DynamicCache()
-            f = problem.forward(x, inputs, past=Prefix(cache, 0))
-            col0 = cols.start
+        if offset <= cols.start or not sources:  # from the first column
+            cache, offset = DynamicCache(), cols.start
         else:
             layers = _empty_layers(sources, len(e), offset - cols.start)
             for s in sources:
                 s.gather(parent[e], cols.start, offset, layers)
             cache = DynamicCache(ddp_cache_data=layers)
-            f = problem.forward(x, inputs, past=Prefix(cache, offset - cols.start))
-            col0 = cols.start
+        f = problem.forward(x, inputs, past=Prefix(cache, offset - cols.start))
         values[e] = f.to(values.dtype)
-        store.put(e, cache_states(cache), col0)
+        store.put(e, cache_states(cache), cols.start)
 
     groups, _ = group_passes(need.tolist(), problem.batch_size * seq, overhead)
     for g0, g1 in groups:

@@ -121,14 +121,15 @@ class KernelShap(Method):
     prompts with 200 samples).
 
     Prefix reuse (``prefix_reuse``, default; built-in targets on models with a key/value
-    cache): the kernel favours coalitions of a few tokens or all but a few, so each coalition
-    re-runs only from where it first differs from the row (all kept) or from the row with
-    every feature removed (the two ends, which Kernel SHAP evaluates anyway), over that
-    sequence's key/value states (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`).
+    cache, where the estimated cost says it pays): the kernel favours coalitions of a few
+    tokens or all but a few, so each coalition re-runs only from where it first differs from
+    the row (all kept), from the row with every feature removed (the two ends, which Kernel
+    SHAP evaluates anyway) or from a neighbouring coalition, over that sequence's key/value
+    states (:func:`tokattr.engine.coalitions.evaluate_sharing_prefixes`).
 
     Args:
         n_samples: coalitions sampled per row (the first two are all and none), >= 1.
-        prefix_reuse: compute the columns a coalition shares with either end once;
+        prefix_reuse: compute the columns a coalition shares with another once;
             ``False``: full passes.
     """
 
