@@ -5,6 +5,7 @@ every method leaves the user's model as it found it."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from _tiny import ALL_ARCHS, tiny_lm, unpadded
 
 from tokattr.attribution import attribute
 from tokattr.methods import METHODS
+from tokattr.methods import attention as attention_module
+from tokattr.methods.attention import attention_modules
 from tokattr.methods.internals import eager_attention
 from tokattr.methods.value_zeroing import decoder_layers
 
@@ -241,3 +244,51 @@ def test_eager_attention_is_restored_on_error():
         assert lm.model.config._attn_implementation == "eager"
         raise KeyError("inside")
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_attention_modules_are_one_per_layer_in_order(arch):
+    lm = tiny_lm(arch)
+    found = attention_modules(lm.model)
+    assert found is not None and len(found) == lm.model.config.num_hidden_layers
+    layers = decoder_layers(lm.model)
+    for (module, _), layer in zip(found, layers, strict=True):
+        assert any(module is m for m in layer.modules())
+
+
+@pytest.mark.parametrize("method", ["attention", "attention_rollout"])
+def test_a_pass_holds_one_layers_attention_weights_at_a_time(method):
+    """Each layer's weights are read as the layer forms them, not collected for the whole
+    pass as ``output_attentions=True`` does (12 x 12 x 4,096^2 floats on a long prompt): when a
+    layer forms its weights, no earlier layer's are still alive."""
+    lm = tiny_lm("llama")
+    alive: list[weakref.ref] = []
+    most = [0]
+
+    def spy(module, args, out):
+        if out[1] is None:  # a pass with fused attention (the answer's own log-probability)
+            return
+        alive[:] = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(alive))
+        alive.append(weakref.ref(out[1]))
+
+    hooks = [m.register_forward_hook(spy) for m, _ in attention_modules(lm.model)]
+    try:
+        res = attribute(lm, ["12+3=", "100-9="], method, target=["15", "91"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert most[0] == 0
+    assert all(float(r.scores.abs().sum()) > 0 for r in res)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_models_without_a_table_of_attention_modules_use_their_own_output(arch, monkeypatch):
+    lm = tiny_lm(arch)
+    want = {
+        m: attribute(lm, PROMPT, m, target=ANSWER).scores
+        for m in ("attention", "attention_rollout")
+    }
+    monkeypatch.setattr(attention_module, "attention_modules", lambda model: None)
+    for m, scores in want.items():
+        torch.testing.assert_close(attribute(lm, PROMPT, m, target=ANSWER).scores, scores)

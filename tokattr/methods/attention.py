@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tokattr.methods.internals import (
     check_layer,
     eager_attention,
+    in_company_pass,
     needs_model,
     query_columns,
     run_model,
@@ -17,39 +19,149 @@ from tokattr.methods.internals import (
 from tokattr.methods.problem import AttributionProblem, Method, MethodOutput, chunked
 
 
+def attention_modules(model: nn.Module) -> list[tuple[nn.Module, int]] | None:
+    """Each decoder layer's attention module, in layer order, and where its attention weights
+    sit in its output: what transformers records for ``output_attentions`` (the model classes'
+    ``_can_record_outputs["attentions"]`` table, read the way transformers reads it). ``None``
+    where that table is missing or does not name one module per layer."""
+    found: dict[int, tuple[nn.Module, int]] = {}
+    for owner in model.modules():
+        table = getattr(type(owner), "_can_record_outputs", None)
+        spec = table.get("attentions") if isinstance(table, dict) else None
+        for one in spec if isinstance(spec, list) else [spec]:
+            if one is None:
+                continue
+            target = one if isinstance(one, type) else getattr(one, "target_class", None)
+            index = 1 if isinstance(one, type) else int(getattr(one, "index", 1))
+            layer_name = None if isinstance(one, type) else getattr(one, "layer_name", None)
+            if not isinstance(target, type):
+                continue
+            for name, module in owner.named_modules():
+                if not isinstance(module, target):
+                    continue
+                if layer_name and f".{layer_name.strip('.')}." not in f".{name}.":
+                    continue
+                found.setdefault(id(module), (module, index))
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    modules = list(found.values())
+    return modules if modules and (n is None or len(modules) == n) else None
+
+
+@contextlib.contextmanager
+def captured_attention(
+    model: nn.Module, keep: Callable[[int, Tensor], None]
+) -> Iterator[Callable[[], int]]:
+    """Hand each layer's attention weights ``[rows, heads, seq, seq]`` to ``keep(layer, w)`` as
+    the layer computes them (forward hooks on the :func:`attention_modules`, removed after the
+    block, also on error; passes that only keep other ranks company are skipped). The block
+    gets a function that says how many layers handed over weights since it was last called.
+    Nothing else holds the weights, so a pass holds one layer's at a time, not every layer's
+    as ``output_attentions=True`` does (12 layers x 12 heads x 4,096^2 floats, 9.7 GB, for a
+    4,096-token prompt on the benchmark's 100M Llama)."""
+    modules = attention_modules(model)
+    if modules is None:
+        raise ValueError(
+            f"cannot find the attention modules of {type(model).__name__}: its class has no "
+            "_can_record_outputs['attentions'] naming one module per layer"
+        )
+    seen = [0]
+
+    def hook_for(layer: int, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if in_company_pass():
+                return
+            w = output[index] if isinstance(output, tuple) and len(output) > index else None
+            if isinstance(w, Tensor):
+                keep(layer, w)
+                seen[0] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i, k)) for i, (m, k) in enumerate(modules)]
+
+    def taken() -> int:
+        n, seen[0] = seen[0], 0
+        return n
+
+    try:
+        yield taken
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def attention_scores(
     problem: AttributionProblem,
     method: str,
-    read: Callable[[list[Tensor], Tensor, Tensor], Tensor],
+    read: Callable[[list[Tensor], Tensor, Tensor], Tensor] | None = None,
+    layer: int | None = None,
 ) -> Tensor:
-    """Scores read from every layer's head-averaged attention, one forward per ``batch_size``
-    rows with eager attention (restored after). ``read(maps, q, attended)`` gets a pass's
-    per-layer ``[rows, seq', seq']`` weights (float32, query x key, over the pass's columns),
-    each row's query column in them and its attended columns (``[rows, seq']`` bool), and
-    returns ``[rows, seq']`` scores; only those are kept, so
-    memory stays at one pass's attention weights. ``[batch, seq]`` float32, 0 off the
-    features."""
+    """Scores read from the head-averaged attention weights, one forward per ``batch_size``
+    rows with eager attention (restored after). With ``layer``, the weights layer ``layer``
+    gives each row's query column (the column before its first scored answer token) are the
+    scores. Otherwise ``read(maps, q, attended)`` gets a pass's per-layer ``[rows, seq', seq']``
+    weights (float32, query x key, over the pass's columns), each row's query column in them
+    and its attended columns (``[rows, seq']`` bool), and returns ``[rows, seq']`` scores.
+    Weights are averaged over heads as each layer forms them (:func:`captured_attention`), and
+    only what is read is kept. ``[batch, seq]`` float32, 0 off the features."""
     model = needs_model(problem, method)
+    modules = attention_modules(model)
+    n_layers = len(modules) if modules is not None else _n_layers(model)
+    wanted = None if layer is None else range(n_layers)[layer]
     rows = torch.arange(problem.n_rows, device=problem.embeds.device)
     rows = rows[problem.by_length(rows)]
     q_all = query_columns(problem).to(rows.device)
     scores = torch.zeros(problem.feature_mask.shape, dtype=torch.float32, device=rows.device)
+    kept: dict[int, Tensor] = {}
+    q_now: list[Tensor] = []
 
-    def run(i: int, j: int) -> None:
+    def keep(i: int, w: Tensor) -> None:
+        if wanted is None:
+            kept[i] = w.float().mean(1)
+        elif i == wanted:
+            q = q_now[0]
+            kept[i] = w[torch.arange(len(q), device=w.device), :, q].float().mean(1)
+
+    def run(i: int, j: int, taken: Callable[[], int]) -> None:
         r = rows[i:j]
         cols = problem.trim(r)
+        q = q_all[r] - cols.start
+        q_now[:] = [q]
+        kept.clear()
+        taken()
         with torch.no_grad():
-            out = run_model(problem, r, cols, output_attentions=True)
-        attentions = out.attentions  # type: ignore[attr-defined]
-        if not attentions or attentions[0] is None:
+            out = run_model(problem, r, cols, output_attentions=modules is None)
+        if modules is None:  # no table of attention modules: the model's own output
+            for k, w in enumerate(getattr(out, "attentions", None) or ()):
+                if isinstance(w, Tensor):
+                    keep(k, w)
+            if len(kept) != (1 if wanted is not None else n_layers):
+                raise ValueError(f"{method}: {type(model).__name__} returned no attention weights")
+        elif taken() != n_layers:
             raise ValueError(f"{method}: {type(model).__name__} returned no attention weights")
-        maps = [a.float().mean(1) for a in attentions]  # per layer [rows, seq', seq']
         attended = problem.inputs.attention_mask[r, cols].bool().to(r.device)
-        scores[r, cols] = read(maps, q_all[r] - cols.start, attended).float()
+        if wanted is not None:
+            got = kept[wanted]
+        else:
+            assert read is not None
+            got = read([kept[k] for k in range(n_layers)], q, attended)
+        scores[r, cols] = got.float()
+        kept.clear()
 
-    with eager_attention(model):
-        chunked(problem.n_rows, problem.batch_size, run)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eager_attention(model))
+        taken = (
+            (lambda: 0) if modules is None else stack.enter_context(captured_attention(model, keep))
+        )
+        chunked(problem.n_rows, problem.batch_size, lambda i, j: run(i, j, taken))
     return torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
+
+
+def _n_layers(model: nn.Module) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ValueError(f"cannot tell how many layers {type(model).__name__} has")
+    return n
 
 
 def _row(matrix: Tensor, q: Tensor) -> Tensor:
@@ -99,10 +211,7 @@ class Attention(Method):
     def attribute(self, problem: AttributionProblem) -> MethodOutput:
         check_layer(needs_model(problem, "attention"), self.layer, "attention")
 
-        def read(maps: list[Tensor], q: Tensor, attended: Tensor) -> Tensor:
-            return _row(maps[self.layer], q)
-
-        return MethodOutput(attention_scores(problem, "attention", read))
+        return MethodOutput(attention_scores(problem, "attention", layer=self.layer))
 
 
 class AttentionRollout(Method):
