@@ -768,6 +768,36 @@ def test_per_answer_token_matrix_equals_one_call_per_answer_token(method):
 
 @pytest.mark.parametrize(
     ("method", "params"),
+    [("saliency", {}), ("integrated_gradients", {"n_steps": 4}), ("attnlrp", {})],
+)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_token_gradients_come_from_one_batched_backward(arch, method, params, monkeypatch):
+    """An example's answer-token rows take their gradients from one vmapped backward pass
+    (``is_grads_batched``), equal to one backward pass per answer token."""
+    import tokattr.methods.problem as problem_module
+
+    lm = tiny_lm(arch)
+    prompts, answers = ["12x31=", "7x5="], ["372", "35"]
+    batched_calls: list[bool] = []
+    real = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        batched_calls.append(bool(kwargs.get("is_grads_batched", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    batched = run(lm, prompts, method, answers, per_answer_token=True, seed=2, **params)
+    assert any(batched_calls)
+    batched_calls.clear()
+    monkeypatch.setattr(problem_module, "BATCHED_BACKWARD", False)
+    looped = run(lm, prompts, method, answers, per_answer_token=True, seed=2, **params)
+    assert batched_calls and not any(batched_calls)
+    for b, one in zip(batched, looped, strict=True):
+        torch.testing.assert_close(b.scores, one.scores, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
     [("saliency", {}), ("input_x_gradient", {}), ("integrated_gradients", {"n_steps": 8}),
      ("smoothgrad", {"n_samples": 4}), ("attnlrp", {})],
 )  # fmt: skip

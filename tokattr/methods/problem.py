@@ -58,6 +58,12 @@ class Forward(Protocol):
     ) -> Tensor: ...
 
 
+BATCHED_BACKWARD = True
+"""Whether an example's answer-token rows get their gradients from one batched (vmapped)
+backward pass per chunk of ranks (``torch.autograd.grad(..., is_grads_batched=True)``) or one
+backward pass per rank."""
+
+
 @dataclass(frozen=True)
 class AttributionProblem:
     """A batch of rows to attribute.
@@ -409,10 +415,11 @@ class AttributionProblem:
 
         Rows with the same example and the same ``x`` that score different answer tokens (the
         rows of ``per_answer_token``) share one forward pass, through the target's per-token
-        form (:class:`~tokattr.targets.TokenForm`), and one backward pass per rank among
-        them, each over all the shared inputs at once: the source x answer-token matrix of
-        ``k`` answer tokens costs one forward and ``k`` backward passes of one row instead of
-        ``k`` of each.
+        form (:class:`~tokattr.targets.TokenForm`), and a backward pass per rank among them,
+        each over all the shared inputs at once, the ranks batched into one vmapped backward
+        pass where the pass has room (:data:`BATCHED_BACKWARD`): the source x answer-token
+        matrix of ``k`` answer tokens costs one forward pass of one row and the work of ``k``
+        backward passes, instead of ``k`` of each.
         """
         inputs = self.inputs.select(rows, cols)
         shared = self._shared_inputs(x, inputs) if self.token_form is not None else None
@@ -434,11 +441,30 @@ class AttributionProblem:
             values = form.columns(model, xu, run)  # [u, k]
             k = values.shape[1]
             f = form.combine(values[group], inputs.score_mask[:, -k:])  # [n]
-            for t in range(int(rank.max()) + 1):  # the t-th row of every group at once
-                mine = (rank == t).nonzero().flatten()
-                last = t == int(rank.max())
-                (gu,) = torch.autograd.grad(f[mine].sum(), xu, retain_graph=not last)
-                grad[mine] = gu[group[mine]]
+            ranks = int(rank.max()) + 1
+            # Cotangent t selects the t-th row of every group: one batched backward pass for
+            # a chunk of them (vmapped, ``is_grads_batched``), sized so its gradients take no
+            # more room than a pass of ``grad_batch`` sequences.
+            chunk = max(1, min(ranks, self.grad_batch // max(1, len(first))))
+            chunk = -(-ranks // -(-ranks // chunk))  # chunks of even size
+            pick = torch.zeros(ranks, len(f), dtype=f.dtype, device=f.device)
+            pick[rank, torch.arange(len(f), device=f.device)] = 1.0
+            for t0 in range(0, ranks, chunk):
+                t1 = min(ranks, t0 + chunk)
+                last = t1 == ranks
+                if BATCHED_BACKWARD and t1 - t0 > 1:
+                    (gu,) = torch.autograd.grad(
+                        f, xu, pick[t0:t1], retain_graph=not last, is_grads_batched=True
+                    )  # [t1 - t0, u, cols, d]
+                else:
+                    gu = torch.stack(
+                        [
+                            torch.autograd.grad(f, xu, pick[t], retain_graph=t < ranks - 1)[0]
+                            for t in range(t0, t1)
+                        ]
+                    )
+                mine = ((rank >= t0) & (rank < t1)).nonzero().flatten()
+                grad[mine] = gu[rank[mine] - t0, group[mine]]
         if self.count is not None:
             self.count(run)
         return f.detach(), grad
