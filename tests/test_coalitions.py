@@ -199,21 +199,22 @@ def _problem():
 
 def test_group_passes_is_the_cheapest_split():
     """The split of sorted sequences into passes: the least cost over every split (brute force
-    over all cut sets) within the token limit."""
+    over all cut sets) within the token and sequence limits."""
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(1, 8)
         need = sorted((rng.randint(1, 40) for _ in range(n)), reverse=True)
         max_tokens, overhead = rng.choice([40, 64, 200]), rng.choice([0.0, 10.0, 100.0])
-        groups, cost = coalitions.group_passes(need, max_tokens, overhead)
+        max_rows = rng.choice([None, 1, 2, 3])
+        groups, cost = coalitions.group_passes(need, max_tokens, overhead, max_rows)
         assert groups[0][0] == 0 and groups[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
 
-        def cost_of(cuts, n=n, need=need, max_tokens=max_tokens, overhead=overhead):
+        def cost_of(cuts, n=n, need=need, max_tokens=max_tokens, overhead=overhead, rows=max_rows):
             bounds = [0, *cuts, n]
             total = 0.0
             for a, b in itertools.pairwise(bounds):
-                if (b - a) * need[a] > max_tokens and b - a > 1:
+                if b - a > 1 and ((b - a) * need[a] > max_tokens or (rows and b - a > rows)):
                     return float("inf")
                 total += overhead + (b - a) * need[a]
             return total

@@ -34,9 +34,10 @@ MIN_SAVING = 0.15
 """Least share of the estimated cost of full passes (:func:`pass_overhead_tokens`) that prefix
 sharing must save for it to run: it splits the coalitions into more, narrower passes."""
 
-STATES_BUDGET = 1 << 30
-"""Bytes of parents' key/value states held between two waves; a coalition whose parent's
-states would not fit takes a trunk as parent instead."""
+STATES_BUDGET = 1 << 29
+"""Bytes of key/value states held at once: the parents' kept between two waves (a coalition
+whose parent's states would not fit takes a trunk as parent instead), and those of one pass
+(each sequence's cached and new columns: a pass holds no more sequences than fit)."""
 
 
 def first_true(mask: Tensor) -> Tensor:
@@ -161,6 +162,7 @@ def evaluate_sharing_prefixes(
     u = (len(entry_rows) - m) // 2
     overhead = pass_overhead_tokens(problem)
     shared_overhead = overhead + pass_overhead_tokens(problem, CACHE_PASS_S)
+    max_rows = _rows_per_pass(problem, seq)
     left = problem.left_pad[entry_rows]
     end = problem.right_end[entry_rows]
     full_cost = float((end - left)[:m].sum()) + overhead * -(-m // problem.batch_size)
@@ -168,7 +170,7 @@ def evaluate_sharing_prefixes(
     for w in range(int(wave.max()) + 1):
         mine = wave == w
         need = torch.sort(seq - start[mine], descending=True).values.tolist()
-        cost += group_passes(need, problem.batch_size * seq, shared_overhead)[1]
+        cost += group_passes(need, problem.batch_size * seq, shared_overhead, max_rows)[1]
     if cost > (1 - MIN_SAVING) * full_cost:
         return None
     # The columns of each entry's states its children read: up to the latest child's start.
@@ -204,7 +206,7 @@ def evaluate_sharing_prefixes(
             store = _Store(need, keepers[tokens <= budget], trunk_store)
         _run_wave(
             problem, entry_rows, x_keep, parent, start, mine, values, store, store_prev,
-            shared_overhead,
+            shared_overhead, max_rows,
         )  # fmt: skip
         store_prev = store
     return values[source]
@@ -233,6 +235,12 @@ def _better_trunk(
     differs from it, from the first columns where it differs from each."""
     use_none = off_none > off_full
     return torch.where(use_none, none_i, full_i), torch.where(use_none, off_none, off_full)
+
+
+def _rows_per_pass(problem: AttributionProblem, seq: int) -> int:
+    """The most sequences a pass from key/value states holds: each holds ``seq`` columns of
+    states (its parent's, gathered, and its own), within :data:`STATES_BUDGET`."""
+    return max(1, STATES_BUDGET // max(1, seq * _state_bytes_per_token(problem)))
 
 
 def _state_bytes_per_token(problem: AttributionProblem) -> int:
@@ -305,6 +313,7 @@ def _run_wave(
     store: _Store,
     prev: _Store | None,
     overhead: float,
+    max_rows: int,
 ) -> None:
     """The target on entries ``mine``, each from its start column over its parent's states
     (in ``prev`` or the trunk store), in bands of like start columns; their states kept in
@@ -333,7 +342,7 @@ def _run_wave(
         values[e] = f.to(values.dtype)
         store.put(e, cache_states(cache), cols.start)
 
-    groups, _ = group_passes(need.tolist(), problem.batch_size * seq, overhead)
+    groups, _ = group_passes(need.tolist(), problem.batch_size * seq, overhead, max_rows)
     for g0, g1 in groups:
         chunked(g1 - g0, g1 - g0, lambda i, j, s=g0: run(s + i, s + j))
 
@@ -363,14 +372,15 @@ def pass_overhead_tokens(problem: AttributionProblem, seconds: float | None = No
 
 
 def group_passes(
-    need: list[int], max_tokens: int, overhead: float
+    need: list[int], max_tokens: int, overhead: float, max_rows: int | None = None
 ) -> tuple[list[tuple[int, int]], float]:
     """Split sequences sorted by the columns they re-run (``need``, non-increasing) into
     passes ``[start, stop)``: a pass re-runs all its sequences from the first one's start, so
     it costs ``overhead`` plus its size times ``need[start]`` tokens, and holds at most
-    ``max_tokens`` (at least one sequence). The split of least total cost, and that cost
-    (dynamic programming over the sorted order, as in optimal 1-D segmentation: Bellman,
-    "On the approximation of curves by line segments using dynamic programming", CACM 1961)."""
+    ``max_tokens`` re-run tokens and ``max_rows`` sequences (at least one). The split of
+    least total cost, and that cost (dynamic programming over the sorted order, as in optimal
+    1-D segmentation: Bellman, "On the approximation of curves by line segments using dynamic
+    programming", CACM 1961)."""
     n = len(need)
     if n == 0:
         return [], 0.0
@@ -378,7 +388,7 @@ def group_passes(
     cut = np.full(n + 1, n, dtype=np.int64)
     for i in range(n - 1, -1, -1):
         width = max(1, need[i])
-        most = max(1, min(n - i, max_tokens // width))
+        most = max(1, min(n - i, max_tokens // width, max_rows or n))
         cost = overhead + np.arange(1, most + 1) * width + best[i + 1 : i + most + 1]
         k = int(np.argmin(cost))
         best[i], cut[i] = cost[k], i + 1 + k
