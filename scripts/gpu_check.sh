@@ -8,7 +8,11 @@
 #      on the 100M Llama at 64 and 256 tokens, in bf16 (-> <gpu>-bf16.*), Captum as the peer;
 #   3. FSDP2 at world size 1 with NCCL (configs/bench/fsdp.yaml on the GPU);
 #   4. a device_map run whose max_memory puts part of the model on the CPU (gradients cross
-#      devices), compared with the whole model on the GPU.
+#      devices), compared with the whole model on the GPU;
+#   5. occlusion and Shapley sampling on a 2,048-token prompt, every token a feature, with the
+#      100M Llama (-> <gpu>-long-prompts.*): thousands of passes, a GPU job.
+#
+# The steps' limits add up to 580 s, under the 10 minutes the check may take.
 #
 #   bash scripts/gpu_check.sh             # on a machine with a CUDA device
 #   bash scripts/gpu_check.sh --dry-run   # anywhere: the same steps on the CPU, tiny (the
@@ -35,6 +39,7 @@ export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUN
 if [ "$DRY" = 1 ]; then
   GPU=dry-run ACC=cpu RESULTS=$(mktemp -d) COLLECT=(--collect-only -q)
   N=2 OFFLOAD='{"cpu": "4MiB"}'  # the rest of the model on disk
+  LONG=(--lengths 16 --methods forward occlusion)
 else
   GPU=$("$PY" - <<'PY'
 import re, sys, torch
@@ -45,6 +50,7 @@ PY
   ) || exit 1
   ACC=gpu RESULTS=bench/results COLLECT=()
   N=16 OFFLOAD='{"0": "3MiB", "cpu": "2GiB"}'  # arith-tiny is 7 MiB: about half on the CPU
+  LONG=(--lengths 2048 --methods forward occlusion shapley_sampling)
 fi
 RUNS=$(mktemp -d)
 REPORT=$RESULTS/$GPU-check.md
@@ -80,22 +86,22 @@ BENCH=("$PY" -m tokattr.cli bench --config configs/bench/quick.yaml --overwrite 
   --model.methods '{"integrated_gradients": {"n_steps": 16}, "saliency": {}, "occlusion": {}}'
   --model.metrics '["comprehensiveness", "sufficiency"]')
 
-step "cuda-marked tests" 90 "$PY" -m pytest -m cuda tests/ -q -p no:cacheprovider
-step "bench quick fp32" 270 "$PY" -m pytest bench/ --benchmark-only -p no:cacheprovider \
+step "cuda-marked tests" 75 "$PY" -m pytest -m cuda tests/ -q -p no:cacheprovider
+step "bench quick fp32" 190 "$PY" -m pytest bench/ --benchmark-only -p no:cacheprovider \
   --bench-scale quick --bench-dtype fp32 --bench-peers captum --bench-name "$GPU-fp32" \
   "${COLLECT[@]}"
-step "bench bf16 (100M Llama, 64 and 256 tokens)" 120 "$PY" -m pytest bench/ --benchmark-only \
+step "bench bf16 (100M Llama, 64 and 256 tokens)" 75 "$PY" -m pytest bench/ --benchmark-only \
   -p no:cacheprovider --bench-scale quick --bench-dtype bf16 --bench-peers captum \
   --bench-name "$GPU-bf16" -k "llama-100m and (len64 or len256) and not test_memory" \
   "${COLLECT[@]}"
-step "FSDP2 at world size 1" 60 "$PY" -m tokattr.cli bench --config configs/bench/fsdp.yaml \
+step "FSDP2 at world size 1" 50 "$PY" -m tokattr.cli bench --config configs/bench/fsdp.yaml \
   --out_dir "$RUNS/fsdp" --overwrite true --wandb false --trainer.accelerator "$ACC" \
   --trainer.devices 1 --trainer.strategy.init_args.data_parallel_size 1 --data.n "$N" \
   --model.methods '{"integrated_gradients": {"n_steps": 16}, "occlusion": {}, "kernel_shap": {"n_samples": 32}}'
-step "whole model" 60 "${BENCH[@]}" --out_dir "$RUNS/whole"
-step "device_map with max_memory $OFFLOAD" 60 "${BENCH[@]}" --out_dir "$RUNS/split" \
+step "whole model" 40 "${BENCH[@]}" --out_dir "$RUNS/whole"
+step "device_map with max_memory $OFFLOAD" 40 "${BENCH[@]}" --out_dir "$RUNS/split" \
   --model.device_map auto --model.max_memory "$OFFLOAD" --model.offload_folder "$RUNS/offload"
-step "device_map equals the whole model" 30 "$PY" - "$RUNS/whole" "$RUNS/split" "$RUNS/compare" <<'PY'
+step "device_map equals the whole model" 10 "$PY" - "$RUNS/whole" "$RUNS/split" "$RUNS/compare" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -114,6 +120,8 @@ Path(sys.argv[3]).write_text(
 )
 sys.exit(0 if worst <= 1e-3 else f"device_map differs from the whole model by {worst:.2e}")
 PY
+step "long prompts, every token (100M Llama)" 100 "$PY" -m bench.long_prompts "${LONG[@]}" \
+  --tokens --timeout 90 --out-dir "$RESULTS" --name "$GPU-long-prompts"
 if [ -f "$RUNS/compare" ]; then
   { echo; cat "$RUNS/compare"; } >> "$REPORT"
 fi

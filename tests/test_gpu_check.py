@@ -4,6 +4,7 @@ offloading to disk compared with the whole model), so the script is ready when a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -27,12 +28,23 @@ def test_gpu_check_dry_run_passes_every_step():
     assert [s for s, _ in steps] == [
         "cuda-marked tests", "bench quick fp32", "bench bf16 (100M Llama, 64 and 256 tokens)",
         "FSDP2 at world size 1", "whole model", 'device_map with max_memory {"cpu": "4MiB"}',
-        "device_map equals the whole model",
+        "device_map equals the whole model", "long prompts, every token (100M Llama)",
     ]  # fmt: skip
     assert all(status == "passed" for _, status in steps), steps
     assert "largest score difference 0.00e+00" in text
     assert "| occlusion |" in text  # the FSDP2 run's summary
     assert not list((ROOT / "bench/results").glob("dry-run-*"))  # nothing left in the repo
+    long = json.loads((Path(report).parent / "dry-run-long-prompts.json").read_text())
+    assert {(r["method"], r["features"], r["status"]) for r in long["records"]} == {
+        ("forward", "tokens", "ok"), ("occlusion", "tokens", "ok"),
+    }  # fmt: skip
+
+
+def test_gpu_check_steps_fit_ten_minutes():
+    """The steps' time limits add up to at most 10 minutes (what a lent GPU is held for)."""
+    text = (ROOT / "scripts/gpu_check.sh").read_text()
+    limits = [int(x) for x in re.findall(r'^step "[^"]+" (\d+) ', text, re.M)]
+    assert len(limits) == 8 and sum(limits) <= 600, limits
 
 
 def test_gpu_check_refuses_unknown_arguments():
