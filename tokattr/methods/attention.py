@@ -49,42 +49,26 @@ def attention_modules(model: nn.Module) -> list[tuple[nn.Module, int]] | None:
 
 @contextlib.contextmanager
 def captured_attention(
-    model: nn.Module, keep: Callable[[int, Tensor], None]
-) -> Iterator[Callable[[], int]]:
+    modules: list[tuple[nn.Module, int]], keep: Callable[[int, Tensor], None]
+) -> Iterator[None]:
     """Hand each layer's attention weights ``[rows, heads, seq, seq]`` to ``keep(layer, w)`` as
     the layer computes them (forward hooks on the :func:`attention_modules`, removed after the
-    block, also on error; passes that only keep other ranks company are skipped). The block
-    gets a function that says how many layers handed over weights since it was last called.
-    Nothing else holds the weights, so a pass holds one layer's at a time, not every layer's
-    as ``output_attentions=True`` does (12 layers x 12 heads x 4,096^2 floats, 9.7 GB, for a
+    block, also on error; passes that only keep other ranks company are skipped). Nothing
+    else holds the weights, so a pass holds one layer's at a time, not every layer's as
+    ``output_attentions=True`` does (12 layers x 12 heads x 4,096^2 floats, 9.7 GB, for a
     4,096-token prompt on the benchmark's 100M Llama)."""
-    modules = attention_modules(model)
-    if modules is None:
-        raise ValueError(
-            f"cannot find the attention modules of {type(model).__name__}: its class has no "
-            "_can_record_outputs['attentions'] naming one module per layer"
-        )
-    seen = [0]
 
     def hook_for(layer: int, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if in_company_pass():
-                return
             w = output[index] if isinstance(output, tuple) and len(output) > index else None
-            if isinstance(w, Tensor):
+            if isinstance(w, Tensor) and not in_company_pass():
                 keep(layer, w)
-                seen[0] += 1
 
         return hook
 
     handles = [m.register_forward_hook(hook_for(i, k)) for i, (m, k) in enumerate(modules)]
-
-    def taken() -> int:
-        n, seen[0] = seen[0], 0
-        return n
-
     try:
-        yield taken
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -113,31 +97,31 @@ def attention_scores(
     q_all = query_columns(problem).to(rows.device)
     scores = torch.zeros(problem.feature_mask.shape, dtype=torch.float32, device=rows.device)
     kept: dict[int, Tensor] = {}
+    seen: set[int] = set()  # the layers that handed over weights in this pass
     q_now: list[Tensor] = []
 
     def keep(i: int, w: Tensor) -> None:
+        seen.add(i)
         if wanted is None:
             kept[i] = w.float().mean(1)
         elif i == wanted:
             q = q_now[0]
             kept[i] = w[torch.arange(len(q), device=w.device), :, q].float().mean(1)
 
-    def run(i: int, j: int, taken: Callable[[], int]) -> None:
+    def run(i: int, j: int) -> None:
         r = rows[i:j]
         cols = problem.trim(r)
         q = q_all[r] - cols.start
         q_now[:] = [q]
         kept.clear()
-        taken()
+        seen.clear()
         with torch.no_grad():
             out = run_model(problem, r, cols, output_attentions=modules is None)
         if modules is None:  # no table of attention modules: the model's own output
             for k, w in enumerate(getattr(out, "attentions", None) or ()):
                 if isinstance(w, Tensor):
                     keep(k, w)
-            if len(kept) != (1 if wanted is not None else n_layers):
-                raise ValueError(f"{method}: {type(model).__name__} returned no attention weights")
-        elif taken() != n_layers:
+        if len(seen) != n_layers:
             raise ValueError(f"{method}: {type(model).__name__} returned no attention weights")
         attended = problem.inputs.attention_mask[r, cols].bool().to(r.device)
         if wanted is not None:
@@ -148,12 +132,9 @@ def attention_scores(
         scores[r, cols] = got.float()
         kept.clear()
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(eager_attention(model))
-        taken = (
-            (lambda: 0) if modules is None else stack.enter_context(captured_attention(model, keep))
-        )
-        chunked(problem.n_rows, problem.batch_size, lambda i, j: run(i, j, taken))
+    capture = contextlib.nullcontext() if modules is None else captured_attention(modules, keep)
+    with eager_attention(model), capture:
+        chunked(problem.n_rows, problem.batch_size, run)
     return torch.where(problem.feature_mask, scores, torch.zeros_like(scores))
 
 
