@@ -182,7 +182,8 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
         lm, prompts, answers, 5, lambda kwargs: kwargs["inputs_embeds"].shape
     )
     full = widths[0][1]  # the unperturbed pass: whole sequences
-    assert widths[0][0] == 3 and all(w[0] <= 5 for w in widths)
+    # batch_size=5 caps a pass at 5 whole sequences' tokens: more of the shorter ones.
+    assert widths[0][0] == 3 and all(w[0] * w[1] <= 5 * full for w in widths)
     assert sum(w[0] for w in widths[1:]) == sum(len(r.tokens) for r in reused)
     assert all(w[1] < full for w in widths[1:])  # every later pass starts after column 0
     assert sum(w[0] * w[1] for w in widths[1:]) < 0.75 * full * sum(w[0] for w in widths[1:])

@@ -151,7 +151,9 @@ def attribute(
             prompt with that value; a list gives each prompt its own (e.g. its example id), so a
             prompt's scores do not depend on the other prompts. ``None``: global RNG.
         batch_size: the most sequences in one forward pass (IG steps, perturbations and
-            prompts are packed up to it), and the most prompts attributed together. ``None``
+            prompts are packed up to it; a pass that re-runs perturbations from a shared
+            prefix holds as many tokens, so more of them), and the most prompts attributed
+            together. ``None``
             (default): sized to ``memory_budget`` from the model's shape and the batch's
             length (:mod:`tokattr.engine.memory`), 64 prompts together.
         target_fn: ``"log_prob"`` (default: sum of the answer tokens' log-probabilities),

@@ -162,7 +162,7 @@ def evaluate_sharing_prefixes(
     u = (len(entry_rows) - m) // 2
     overhead = pass_overhead_tokens(problem)
     shared_overhead = overhead + pass_overhead_tokens(problem, CACHE_PASS_S)
-    max_rows = _rows_per_pass(problem, seq)
+    max_rows = rows_per_cached_pass(problem, seq)
     left = problem.left_pad[entry_rows]
     end = problem.right_end[entry_rows]
     full_cost = float((end - left)[:m].sum()) + overhead * -(-m // problem.batch_size)
@@ -237,7 +237,7 @@ def _better_trunk(
     return torch.where(use_none, none_i, full_i), torch.where(use_none, off_none, off_full)
 
 
-def _rows_per_pass(problem: AttributionProblem, seq: int) -> int:
+def rows_per_cached_pass(problem: AttributionProblem, seq: int) -> int:
     """The most sequences a pass from key/value states holds: each holds ``seq`` columns of
     states (its parent's, gathered, and its own), within :data:`STATES_BUDGET`."""
     return max(1, STATES_BUDGET // max(1, seq * _state_bytes_per_token(problem)))

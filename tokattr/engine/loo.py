@@ -19,6 +19,12 @@ import torch
 from torch import Tensor
 
 from tokattr.engine.cache import Prefix, prefix_cache
+from tokattr.engine.coalitions import (
+    CACHE_PASS_S,
+    group_passes,
+    pass_overhead_tokens,
+    rows_per_cached_pass,
+)
 from tokattr.engine.memory import packed_rows_per_pass
 from tokattr.engine.packing import Branches, first_fit_trees, tree_sizes
 from tokattr.methods.problem import AttributionProblem, chunked
@@ -174,9 +180,9 @@ def _with_cache(
     """``f(x)`` per row and ``f(x without feature slot s)`` per perturbation (``columns``: the
     feature's first column), re-running each
     perturbed sequence only from its first changed column: the earlier columns' key/value
-    states come from the unperturbed pass. Perturbations go in column order, in bands of
-    like columns (:func:`_bands`), so a pass's shared prefix is close to each of its
-    sequences' own."""
+    states come from the unperturbed pass. Perturbations go in column order, in passes of
+    like columns, split where a new pass costs less than the columns it saves re-running
+    (:func:`tokattr.engine.coalitions.group_passes`, as for the coalition methods)."""
     fx, states = problem.states()
     order = torch.argsort(columns, stable=True)
     rows_s, cols_s, slots_s = rows[order], columns[order], slots[order]
@@ -199,28 +205,12 @@ def _with_cache(
     removed = torch.empty(len(rows), dtype=fx.dtype, device=fx.device)
     parts: list[Tensor] = []
     seq = problem.embeds.shape[1]
-    need = seq - cols_s  # columns each perturbation re-runs
-    for start, stop in _bands(need):
-        # A pass's memory and time go with its tokens: shorter sequences, more per pass.
-        size = max(problem.batch_size, problem.batch_size * seq // int(need[start]))
-        parts += chunked(stop - start, size, lambda i, j, s=start: run(s + i, s + j))
+    need = seq - cols_s  # columns each perturbation re-runs, non-increasing
+    overhead = pass_overhead_tokens(problem) + pass_overhead_tokens(problem, CACHE_PASS_S)
+    groups, _ = group_passes(
+        need.tolist(), problem.batch_size * seq, overhead, rows_per_cached_pass(problem, seq)
+    )
+    for g0, g1 in groups:
+        parts += chunked(g1 - g0, g1 - g0, lambda i, j, s=g0: run(s + i, s + j))
     removed[order] = torch.cat(parts)
     return fx, removed
-
-
-BAND_SLACK = 1.3
-"""A pass re-runs all its sequences from its leftmost column on; a sequence joins a pass only
-if that is at most this many times the columns it needs itself."""
-
-
-def _bands(need: Tensor) -> list[tuple[int, int]]:
-    """Split perturbations sorted by column into runs ``[start, stop)`` whose first one needs
-    at most :data:`BAND_SLACK` times the columns of any other (``need`` ``[P]``, non-increasing:
-    the columns each perturbation re-runs)."""
-    need_list = need.tolist()
-    bands, start = [], 0
-    for j in range(1, len(need_list) + 1):
-        if j == len(need_list) or need_list[start] > BAND_SLACK * need_list[j]:
-            bands.append((start, j))
-            start = j
-    return bands

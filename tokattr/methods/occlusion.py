@@ -33,7 +33,8 @@ class Occlusion(Method):
       models that honour a custom 4-D mask, probed once per model). Short trees share a packed
       sequence; a pass holds the memory of ``batch_size`` full sequences.
     - longer rows keep the unperturbed pass's key/value states and re-run each perturbed
-      sequence from the removed token on, in bands of like start columns.
+      sequence from the removed token on, in passes of like start columns split where a
+      new pass costs less than the columns it saves re-running (as the coalition methods).
 
     Windows go through Captum's ``Occlusion`` per row on a 0/1 token mask, ``batch_size``
     windows per forward.
