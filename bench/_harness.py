@@ -461,21 +461,7 @@ def measure_floor(lm: LanguageModel, batch: TokenBatch, config: BenchConfig) -> 
             def call(
                 embeds: Tensor = embeds, mask: Tensor = mask, pos: Tensor = pos, grad: bool = grad
             ) -> None:
-                if grad:
-                    x = embeds.detach().requires_grad_()
-                    out = model(
-                        inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False
-                    )
-                    loss = out.logits[:, -1].float().logsumexp(-1).sum()
-                    torch.autograd.grad(loss, x)
-                else:
-                    with torch.no_grad():
-                        model(
-                            inputs_embeds=embeds,
-                            attention_mask=mask,
-                            position_ids=pos,
-                            use_cache=False,
-                        )
+                _floor_call(model, embeds, mask, pos, grad)
                 synchronize(device)
 
             try:
@@ -509,6 +495,67 @@ def measure_floor(lm: LanguageModel, batch: TokenBatch, config: BenchConfig) -> 
         table=table,
         stopped=stopped,
     )
+
+
+def floor_work(
+    lm: LanguageModel,
+    batch: TokenBatch,
+    config: BenchConfig,
+    floor: Floor,
+    n_forward: int,
+    n_backward: int,
+) -> Callable[[], float]:
+    """A call that runs ``n_forward`` bare forwards and ``n_backward`` forward + backwards of
+    the padded prompt batch's sequences as the floor measured them (its best batch sizes) and
+    returns the seconds that many sequences took (whole batches, scaled to the count).
+
+    Timed in the rounds of a method (:func:`bench._session.paired_rounds`), it gives the
+    method's floor from calls taken seconds apart from the method's own, with as many draws:
+    the session's floor, the fastest of dozens of short calls minutes earlier, reads low
+    against one round of a long method on a machine whose speed drifts.
+    """
+    model = lm.model
+    device = config.device
+    batch = batch.to(device)
+    n_rows = batch.input_ids.shape[0]
+    layer = model.get_input_embeddings()
+    plans = []
+    for count, bs, grad in (
+        (n_forward, floor.forward_batch, False),
+        (n_backward, floor.backward_batch, True),
+    ):
+        if count <= 0:
+            continue
+        idx = torch.arange(bs, device=device) % n_rows
+        with torch.no_grad():
+            embeds = layer(batch.input_ids[idx]).detach()
+        calls = max(1, round(count / bs))
+        mask, pos = batch.attention_mask[idx], batch.position_ids[idx]
+        plans.append((calls, count / (calls * bs), embeds, mask, pos, grad))
+
+    def run() -> float:
+        total = 0.0
+        for calls, scale, embeds, mask, pos, grad in plans:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                _floor_call(model, embeds, mask, pos, grad)
+            synchronize(device)
+            total += (time.perf_counter() - t0) * scale
+        return total
+
+    return run
+
+
+def _floor_call(model: Any, embeds: Tensor, mask: Tensor, pos: Tensor, grad: bool) -> None:
+    """One floor call: a bare forward, or a forward + backward w.r.t. ``inputs_embeds``."""
+    if grad:
+        x = embeds.detach().requires_grad_()
+        out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
+        loss = out.logits[:, -1].float().logsumexp(-1).sum()
+        torch.autograd.grad(loss, x)
+    else:
+        with torch.no_grad():
+            model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
 
 
 def _time_calls(call: Callable[[], None], min_total_s: float) -> list[float]:

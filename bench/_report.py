@@ -193,6 +193,11 @@ NOTES = [
     "prompts and tokattr's speed-up over Captum is the ratio of the two best rounds "
     "(paired_tokattr_seconds_per_prompt in the Captum row); tokattr's own row keeps the time "
     "of its own case.",
+    "Where the session measures a model's floor once (too dear to repeat, e.g. llama-100m on a "
+    "CPU), a tokattr case times its floor again after each of its rounds: the method's "
+    "evaluations as bare padded sequences at the floor's best batch sizes (floor_timing). Its "
+    "x floor is its fastest round over the fastest of those; the ratio to the session's floor "
+    "stays in the JSON (session_ratio_to_floor).",
     "With few prompts (llama-100m at quick scale), a method that needs one evaluation per "
     "prompt (saliency, input_x_gradient) cannot fill the floor's best batch: its ratio to the "
     "floor there says little.",

@@ -77,11 +77,17 @@ class Session:
     def floor_now(self, model: str, prompt_set: str) -> h.Floor:
         """The floor measured just now where that is cheap (under 10 s, e.g. the bundled
         model), so a method's time and its floor are taken minutes apart at most on a machine
-        whose speed drifts; else the session's one measurement."""
+        whose speed drifts; else the session's one measurement (whose per-sequence costs a
+        case then times again in its own rounds, :func:`bench._harness.floor_work`)."""
         floor = self.floor(model, prompt_set)
-        if self.store.floors[f"{model}/{prompt_set}"]["measured_in_s"] >= 10.0:
+        if self.floor_is_old(model, prompt_set):
             return floor
         return self._measure_floor(model, prompt_set)
+
+    def floor_is_old(self, model: str, prompt_set: str) -> bool:
+        """Whether :meth:`floor_now` gives the session's one measurement (too dear to repeat)."""
+        self.floor(model, prompt_set)
+        return self.store.floors[f"{model}/{prompt_set}"]["measured_in_s"] >= 10.0
 
     def _measure_floor(self, model: str, prompt_set: str) -> h.Floor:
         """Measure the floor and record it (with how long measuring took) in the results."""
@@ -150,12 +156,18 @@ def timed_rounds(
 
 
 def paired_rounds(
-    benchmark: Any, fn: Callable[[], Any], partner: Callable[[], Any], rounds: int, device: str
+    benchmark: Any,
+    fn: Callable[[], Any],
+    partner: Callable[[], Any],
+    rounds: int,
+    device: str,
+    warmup: int = 0,
 ) -> tuple[list[float], int | None, str, list[float]]:
     """``rounds`` rounds of ``fn`` then ``partner``, both timed, through ``benchmark.pedantic``
     (which sees the pair); ``(seconds of each fn, peak memory bytes of fn, memory kind,
-    seconds of each partner)``."""
-    return _rounds(benchmark, fn, partner, rounds, 0, device)
+    seconds of each partner)``. A partner that returns a float gives its own seconds (a part
+    of what it ran, :func:`bench._harness.floor_work`)."""
+    return _rounds(benchmark, fn, partner, rounds, warmup, device)
 
 
 def _rounds(
@@ -183,9 +195,10 @@ def _rounds(
             peaks.append(pm.peak)
         if partner is not None:
             t0 = time.perf_counter()
-            partner()
+            own = partner()
             h.synchronize(device)
-            partner_times.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            partner_times.append(own if isinstance(own, float) else seconds)
         return out
 
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
