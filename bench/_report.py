@@ -197,7 +197,8 @@ NOTES = [
     "CPU), a tokattr case times its floor again after each of its rounds: the method's "
     "evaluations as bare padded sequences at the floor's best batch sizes (floor_timing). Its "
     "x floor is its fastest round over the fastest of those; the ratio to the session's floor "
-    "stays in the JSON (session_ratio_to_floor).",
+    "stays in the JSON (session_ratio_to_floor). Peers' rows are over the session's floor, "
+    "which reads low: compare speed-ups, not their x floor with tokattr's.",
     "With few prompts (llama-100m at quick scale), a method that needs one evaluation per "
     "prompt (saliency, input_x_gradient) cannot fill the floor's best batch: its ratio to the "
     "floor there says little.",
