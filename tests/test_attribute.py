@@ -189,6 +189,32 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
     assert sum(w[0] * w[1] for w in widths[1:]) < 0.75 * full * sum(w[0] for w in widths[1:])
 
 
+def test_occlusion_passes_from_states_hold_no_more_sequences_than_their_states_budget(
+    monkeypatch,
+):
+    """Each sequence of a pass from key/value states holds the row's cached columns: many
+    prompts' perturbations of late columns (short re-runs, many per pass by tokens) must still
+    fit the states budget, here two sequences' worth; the scores stay those of full passes."""
+    from tokattr.engine import coalitions
+    from tokattr.engine.capabilities import supports_branches
+
+    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
+    lm = tiny_lm("llama")
+    supports_branches(lm, log_prob)
+    prompts = [SHORT] + [p for p, _ in OTHERS]
+    answers = [SHORT_ANSWER] + [a for _, a in OTHERS]
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    width = collate(lm.tokenizer, examples).input_ids.shape[1]
+    cfg = lm.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # keys and values, fp32
+    monkeypatch.setattr(coalitions, "STATES_BUDGET", 2 * width * per_token)
+    _, rows = _reusing_prefixes(
+        lm, prompts, answers, 64, lambda kwargs: kwargs["inputs_embeds"].shape[0]
+    )
+    assert rows[0] == len(prompts)  # the unperturbed pass, whose states the others read
+    assert max(rows[1:]) == 2
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
 def test_occlusion_packs_each_prompt_with_its_perturbations(arch):
     """Short prompts go as trees: each row and its perturbations from the removed token on are
