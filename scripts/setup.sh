@@ -44,8 +44,11 @@ if [ "$DEPS" = latest ]; then
   # Every run resolves again: the point is whatever the index serves today.
   echo "==> installing tokattr with the newest releases of its dependencies (lock ignored)"
   # torch stays the build installed above (an eager upgrade would fetch the newest CUDA build).
+  # Its public version: a local label (+cu130) that the index's file name lacks matches nothing
+  # there, and the installed build (local labels sort higher) still satisfies the public one.
   keep=$(mktemp)
-  "$VENV/bin/python" -c 'import torch; print(f"torch=={torch.__version__}")' > "$keep"
+  "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' \
+    > "$keep"
   "${PIP[@]}" install --upgrade --upgrade-strategy eager -c "$keep" -e ".[dev]"
   rm -f "$keep"
   "${PIP[@]}" check
