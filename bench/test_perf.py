@@ -119,37 +119,38 @@ def test_perf(benchmark: Any, session: Session, case: tuple[str, str, str, str])
             return session.run_tokattr(model, pset, method, impl, params)
 
         row["timing"] = "pytest-benchmark rounds of one tokattr.attribute call on all prompts"
-        if not (session.floor_is_old(model, pset) and estimate <= PAIRED_FLOOR_MAX_S):
+        paired: list[float] | None = None
+        if session.floor_is_old(model, pset) and estimate <= PAIRED_FLOOR_MAX_S:
+            # The session's floor is minutes old and the fastest of many short calls: time
+            # the method's floor again after each of its rounds, with as many draws.
+            evals = [h.evaluations(method, params, k) for k in features[: len(prompts)]]
+            work = h.floor_work(
+                session.lm(model),
+                session.batch(model, pset),
+                cfg,
+                floor,
+                sum(f for f, _ in evals),
+                sum(b for _, b in evals),
+            )
+            times, peak, kind, paired = paired_rounds(
+                benchmark, run, work, max(rounds, 2), cfg.device, warmup
+            )
+        else:
             times, peak, kind = timed_rounds(benchmark, run, rounds, warmup, cfg.device)
-            _measure(session, row, method, params, prompts, features, floor, times, peak, kind)
-            session.store.add_row(row)
-            return
-        # The session's floor is minutes old and the fastest of many short calls: time the
-        # method's floor again after each of its rounds, with the same number of draws.
-        evals = [h.evaluations(method, params, k) for k in features[: len(prompts)]]
-        work = h.floor_work(
-            session.lm(model),
-            session.batch(model, pset),
-            cfg,
-            floor,
-            sum(f for f, _ in evals),
-            sum(b for _, b in evals),
-        )
-        times, peak, kind, paired = paired_rounds(
-            benchmark, run, work, max(rounds, 2), cfg.device, warmup
-        )
         _measure(session, row, method, params, prompts, features, floor, times, peak, kind)
-        paired_floor = min(paired) / len(prompts)
-        row.update(
-            session_floor_seconds_per_prompt=row["floor_seconds_per_prompt"],
-            session_ratio_to_floor=row["ratio_to_floor"],
-            floor_seconds_per_prompt=paired_floor,
-            ratio_to_floor=row["seconds_per_prompt"] / paired_floor,
-            floor_timing=(
-                "paired: after each round, the method's evaluations as bare padded sequences "
-                "at the floor's best batch sizes; the fastest of those over the fastest round"
-            ),
-        )
+        if paired is not None:
+            paired_floor = min(paired) / len(prompts)
+            row.update(
+                session_floor_seconds_per_prompt=row["floor_seconds_per_prompt"],
+                session_ratio_to_floor=row["ratio_to_floor"],
+                floor_seconds_per_prompt=paired_floor,
+                ratio_to_floor=row["seconds_per_prompt"] / paired_floor,
+                floor_timing=(
+                    "paired: after each round, the method's evaluations as bare padded "
+                    "sequences at the floor's best batch sizes; the fastest of those over the "
+                    "fastest round"
+                ),
+            )
         session.store.add_row(row)
         return
 
