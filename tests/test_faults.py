@@ -174,7 +174,7 @@ def test_two_processes_over_one_batch_and_a_resume_with_one_batch_left(tmp_path)
     (resumed / "attributions.jsonl").unlink()
     run = _bench(*_args("arith-tiny", data8, resumed, *ddp))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "4 examples already done" in run.stderr
+    assert "4 examples complete)" in run.stderr
     again = _merged(resumed)
     assert [(r["example_id"], r["method"]) for r in again] == [
         (r["example_id"], r["method"]) for r in _merged(full)

@@ -320,6 +320,8 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     module.done = done
     data.skip = finished_examples(done, examples, methods)
     todo = len(examples) - len(data.skip)
+    # Rows of a batch cut short by a kill are kept too: only their missing methods re-run.
+    kept = sum((e["example_id"], m) in done for e in examples for m in methods)
     from tokattr.lightning.live import LiveProgress
 
     live = LiveProgress(out_dir, total=len(examples) * len(methods))
@@ -346,7 +348,12 @@ def _run_bench(argv: list[str], state: dict[str, Any]) -> int:
     if _is_rank_zero():
         print(
             f"tokattr bench: {len(examples)} examples x {len(methods)} methods -> {out_dir}"
-            + (f" ({len(examples) - todo} examples already done)" if data.skip else ""),
+            + (
+                f" ({kept} of {len(examples) * len(methods)} results already done,"
+                f" {len(examples) - todo} examples complete)"
+                if kept
+                else ""
+            ),
             file=sys.stderr,
         )
     start = time.perf_counter()
