@@ -195,7 +195,7 @@ def test_occlusion_passes_from_states_hold_no_more_sequences_than_their_states_b
     """Each sequence of a pass from key/value states holds the row's cached columns: many
     prompts' perturbations of late columns (short re-runs, many per pass by tokens) must still
     fit the states budget, here two sequences' worth; the scores stay those of full passes."""
-    from tokattr.engine import coalitions
+    from tokattr.engine import memory
     from tokattr.engine.capabilities import supports_branches
 
     monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
@@ -207,12 +207,57 @@ def test_occlusion_passes_from_states_hold_no_more_sequences_than_their_states_b
     width = collate(lm.tokenizer, examples).input_ids.shape[1]
     cfg = lm.model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # keys and values, fp32
-    monkeypatch.setattr(coalitions, "STATES_BUDGET", 2 * width * per_token)
+    monkeypatch.setattr(memory, "STATES_BUDGET", 2 * width * per_token)
     _, rows = _reusing_prefixes(
         lm, prompts, answers, 64, lambda kwargs: kwargs["inputs_embeds"].shape[0]
     )
     assert rows[0] == len(prompts)  # the unperturbed pass, whose states the others read
     assert max(rows[1:]) == 2
+
+
+def test_a_memory_budget_bounds_the_states_a_pass_from_them_holds(monkeypatch):
+    """The states a pass from key/value states holds are a share of ``memory_budget``
+    (:func:`tokattr.engine.memory.states_budget`), not a fixed amount: a budget whose share is
+    two sequences' states gives passes of at most two sequences, where passes of the same size
+    with the default states budget hold more; the scores stay those of full passes."""
+    from tokattr.engine import memory
+    from tokattr.engine.capabilities import supports_branches
+
+    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
+    lm = tiny_lm("llama")
+    supports_branches(lm, log_prob)
+    prompts = [SHORT] + [p for p, _ in OTHERS]
+    answers = [SHORT_ANSWER] + [a for _, a in OTHERS]
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    width = collate(lm.tokenizer, examples).input_ids.shape[1]
+    cfg = lm.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # keys and values, fp32
+    # A tiny model's states are small beside its activations: a small share, so that the
+    # budget's passes hold many sequences and its states two.
+    monkeypatch.setattr(memory, "STATES_SHARE", 64)
+    budget = 64 * 2 * width * per_token
+    assert memory.states_budget(lm.device, budget) == 2 * width * per_token
+
+    def rows_per_pass(**kw):
+        rows = []
+        hook = lm.model.register_forward_pre_hook(
+            lambda _, a, k: rows.append(k["inputs_embeds"].shape[0]), with_kwargs=True
+        )
+        try:
+            out = run(lm, prompts, "occlusion", answers, **kw)
+        finally:
+            hook.remove()
+        return out, rows
+
+    batch = memory.sequences_per_pass(lm.model, width, False, budget)
+    assert batch >= 4
+    reused, budgeted = rows_per_pass(memory_budget=budget)
+    _, by_tokens = rows_per_pass(batch_size=batch)  # the same pass size, the default states
+    plain = run(lm, prompts, "occlusion", answers, batch_size=batch, prefix_reuse=False)
+    for a, b in zip(reused, plain, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+    assert max(budgeted[1:]) == 2
+    assert max(by_tokens[1:]) > 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])

@@ -96,7 +96,7 @@ def test_exact_shapley_costs_about_a_trie(always_share):
 def test_states_over_the_budget_fall_back_to_a_trunk(monkeypatch, always_share):
     """With no room for the parents' states, coalitions start from the row or the empty row:
     the same scores."""
-    monkeypatch.setattr(coalitions, "STATES_BUDGET", 0)
+    monkeypatch.setattr("tokattr.engine.memory.STATES_BUDGET", 0)
     lm = tiny_lm("llama")
     kw = {"target": ANSWERS[:3], "seed": 2}
     full = attribute(lm, PROMPTS[:3], "shapley_sampling", n_samples=2, prefix_reuse=False, **kw)

@@ -11,9 +11,14 @@ from tokattr.batching import collate, encode_example
 from tokattr.engine import packing as engine_packing
 from tokattr.engine.memory import (
     CPU_TOKENS_PER_PASS,
+    STATES_BUDGET,
+    STATES_SHARE,
+    GiB,
     ModelShape,
     bytes_per_sequence,
+    default_budget,
     sequences_per_pass,
+    states_budget,
 )
 from tokattr.methods.problem import chunked
 from tokattr.targets import log_prob
@@ -36,6 +41,18 @@ def test_sequences_per_pass_fits_the_budget():
     assert sequences_per_pass(lm.model, 20, True, 10) == 1  # never below one sequence
     with pytest.raises(ValueError, match="memory_budget must be a positive"):
         sequences_per_pass(lm.model, 20, True, 0)
+
+
+def test_held_states_are_a_share_of_the_budget_and_capped_on_a_cpu():
+    """The key/value states a prefix-sharing method keeps: a share of the memory budget, so a
+    large GPU budget holds more and a small budget fewer; on a CPU never past the fixed cap."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no CUDA call with a budget given
+    assert STATES_SHARE > 1
+    assert states_budget(cpu, 256 << 20) == (256 << 20) // STATES_SHARE
+    assert states_budget(cpu, 64 * GiB) == STATES_BUDGET
+    assert states_budget(cuda, 64 * GiB) == 64 * GiB // STATES_SHARE > STATES_BUDGET
+    assert states_budget(cuda, 1 << 20) == (1 << 20) // STATES_SHARE
+    assert states_budget(cpu) == min(STATES_BUDGET, default_budget(cpu) // STATES_SHARE)
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "occlusion", "saliency"])

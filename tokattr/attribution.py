@@ -17,7 +17,7 @@ from tokattr.chat import DEFAULT_ROLES, chat_prompts
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
 from tokattr.engine.checkpoint import checkpointed, needs_checkpointing
-from tokattr.engine.memory import ModelShape
+from tokattr.engine.memory import ModelShape, states_budget
 from tokattr.engine.packing import Branches
 from tokattr.engine.tail import tail_mlp
 from tokattr.messages import quote
@@ -164,7 +164,11 @@ def attribute(
         memory_budget: bytes a pass may use for activations; ``None``: 60% of the free GPU
             memory, or on a CPU a quarter of the available RAM (at most 4 GiB). Caps
             ``batch_size`` too when both are given. On a GPU a pass that runs out of memory
-            anyway is retried at half the size.
+            anyway is retried at half the size. The key/value states that perturbation
+            methods keep to re-run only changed columns come on top: at most a quarter of it
+            for each of their two uses, the parents kept between waves and one pass's cached
+            columns (on a CPU at most 512 MiB each,
+            :func:`tokattr.engine.memory.states_budget`).
         max_new_tokens: the longest greedy answer (default: the model's generation config,
             else 12 tokens).
         gradient_checkpointing: a gradient method recomputes each decoder layer in its
@@ -281,6 +285,7 @@ def _attribute_encoded(
             foil_texts[start:stop], runner, method, fn, fn_name, baseline, seeds[start:stop],
             pass_sizes(lm, batch, batch_size, memory_budget), per_answer_token, keep_errors,
             checkpoint=checkpoint and method in GRADIENT_METHODS,
+            states_budget=states_budget(lm.device, memory_budget),
         )  # fmt: skip
     return results
 
@@ -302,11 +307,13 @@ def attribute_collated(
     per_answer_token: bool = False,
     keep_errors: bool = False,
     checkpoint: bool = False,
+    states_budget: int | None = None,
 ) -> list[Attribution]:
     """Attribute one collated batch of ``encoded`` examples (``answers`` / ``foils``: the
     texts to report; ``sizes``: sequences per forward and per forward + backward pass;
     ``checkpoint``: the decoder layers recompute their activations in the backward pass,
-    :func:`tokattr.engine.checkpoint.checkpointed`)."""
+    :func:`tokattr.engine.checkpoint.checkpointed`; ``states_budget``: bytes of key/value
+    states the prefix-sharing passes may hold, :func:`tokattr.engine.memory.states_budget`)."""
     params = {k: getattr(runner, k) for k in method_parameters(method)}
     n_examples = batch.input_ids.shape[0]
     model = lm.model
@@ -357,6 +364,7 @@ def attribute_collated(
             count=count,
             # The rows of one example's answer tokens share their forward passes.
             token_form=TOKEN_FORMS.get(fn) if per_answer_token else None,
+            states_budget=states_budget,
         )
         tail_mlp(model)  # its once-per-model probe, outside the method's time
         t0 = time.perf_counter()

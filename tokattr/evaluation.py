@@ -21,6 +21,7 @@ from tokattr.attribution import Attribution, attribute_collated
 from tokattr.batching import Answer, Encoded, Features, collate, encode_examples
 from tokattr.chat import DEFAULT_ROLES, chat_prompts
 from tokattr.data.labels import relevance
+from tokattr.engine.memory import states_budget
 from tokattr.methods.problem import Method
 from tokattr.metrics import METRICS, ExactShapleyCache, MetricInputs, applies
 from tokattr.models import LanguageModel, reinitialised
@@ -238,7 +239,7 @@ def score_batch(
             model_lm, batch, [encoded[i] for i in rows], [prompts[i] for i in rows],
             [texts[i] for i in rows], [None] * len(rows), runner, method, fn, fn_name, baseline,
             [seeds[i] for i in rows], pass_sizes(model_lm, batch, batch_size, None),
-            keep_errors=keep,
+            keep_errors=keep, states_budget=states_budget(model_lm.device),
         )  # fmt: skip
 
     batch = collate(lm.tokenizer, encoded).to(lm.device)

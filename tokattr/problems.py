@@ -13,7 +13,7 @@ from torch import Tensor
 from tokattr.batching import TokenBatch
 from tokattr.engine.cache import Prefix
 from tokattr.engine.capabilities import supports_branches, supports_prefix
-from tokattr.engine.memory import ModelShape, sequences_per_pass
+from tokattr.engine.memory import ModelShape, sequences_per_pass, states_budget
 from tokattr.engine.packing import Branches
 from tokattr.methods.problem import AttributionProblem, Forward
 from tokattr.models import LanguageModel
@@ -84,6 +84,7 @@ def batch_problem(
         feature_ids=batch.feature_ids,
         log_prob_target=fn is log_prob,
         model=lm.model,
+        states_budget=states_budget(lm.device),
     )
 
 

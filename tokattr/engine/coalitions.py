@@ -17,7 +17,8 @@ re-run (:func:`group_passes`). The scores are those of full passes, to float rou
 
 Where this saves less than :data:`MIN_SAVING` of the estimated cost (columns, plus a fixed cost
 per pass: :func:`pass_overhead_tokens`), full passes run instead; a coalition whose parent's
-states would not fit :data:`STATES_BUDGET` takes a trunk as parent.
+states would not fit the problem's states budget (:func:`tokattr.engine.memory.states_budget`)
+takes a trunk as parent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from tokattr.engine import memory
 from tokattr.engine.cache import Prefix, cache_states
 from tokattr.methods.problem import AttributionProblem, chunked
 
@@ -34,10 +36,12 @@ MIN_SAVING = 0.15
 """Least share of the estimated cost of full passes (:func:`pass_overhead_tokens`) that prefix
 sharing must save for it to run: it splits the coalitions into more, narrower passes."""
 
-STATES_BUDGET = 1 << 29
-"""Bytes of key/value states held at once: the parents' kept between two waves (a coalition
-whose parent's states would not fit takes a trunk as parent instead), and those of one pass
-(each sequence's cached and new columns: a pass holds no more sequences than fit)."""
+
+def _held_states(problem: AttributionProblem) -> int:
+    """The problem's budget of held key/value states, in bytes
+    (:func:`tokattr.engine.memory.states_budget`; :data:`~tokattr.engine.memory.STATES_BUDGET`
+    where it sets none)."""
+    return memory.STATES_BUDGET if problem.states_budget is None else problem.states_budget
 
 
 def first_true(mask: Tensor) -> Tensor:
@@ -201,7 +205,7 @@ def evaluate_sharing_prefixes(
             store = trunk_store
         else:
             keepers = mine[need[mine] > 0]
-            budget = STATES_BUDGET // max(1, per_token)
+            budget = _held_states(problem) // max(1, per_token)
             tokens = torch.cumsum(need[keepers], 0)
             store = _Store(need, keepers[tokens <= budget], trunk_store)
         _run_wave(
@@ -239,8 +243,9 @@ def _better_trunk(
 
 def rows_per_cached_pass(problem: AttributionProblem, seq: int) -> int:
     """The most sequences a pass from key/value states holds: each holds ``seq`` columns of
-    states (its parent's, gathered, and its own), within :data:`STATES_BUDGET`."""
-    return max(1, STATES_BUDGET // max(1, seq * _state_bytes_per_token(problem)))
+    states (its parent's, gathered, and its own), within the problem's states budget
+    (:func:`_held_states`)."""
+    return max(1, _held_states(problem) // max(1, seq * _state_bytes_per_token(problem)))
 
 
 def _state_bytes_per_token(problem: AttributionProblem) -> int:

@@ -121,3 +121,27 @@ def sequences_per_pass(
     if device.type != "cuda":
         n = min(n, CPU_TOKENS_PER_PASS // max(seq, 1))
     return int(max(1, min(n, MAX_SEQUENCES_PER_PASS)))
+
+
+STATES_BUDGET = 1 << 29
+"""Most bytes of key/value states held at once on a CPU (:func:`states_budget`), and the budget
+of a problem that sets none."""
+
+STATES_SHARE = 4
+"""The held states' share of the memory budget, as its divisor (:func:`states_budget`): a
+quarter for the parents kept between two waves of coalitions and a quarter for one pass's
+cached columns (:mod:`tokattr.engine.coalitions`), the pass's own activations sized to the
+budget as before."""
+
+
+def states_budget(device: torch.device, budget: int | None = None) -> int:
+    """Bytes of key/value states the prefix-sharing passes may hold at once: the parents' kept
+    between two waves (a coalition whose parent's states would not fit takes a trunk as parent
+    instead), and, separately, those of one pass (each sequence's cached and new columns: a pass
+    holds no more sequences than fit). A :data:`STATES_SHARE` share of ``budget`` (default
+    :func:`default_budget`: on a GPU 60% of its free memory), and on a CPU at most
+    :data:`STATES_BUDGET`: as for full passes (:data:`CPU_TOKENS_PER_PASS`), wider passes do not
+    run faster per token there, they only hold more memory."""
+    budget = default_budget(device) if budget is None else budget
+    share = max(1, budget // STATES_SHARE)
+    return share if device.type == "cuda" else min(STATES_BUDGET, share)

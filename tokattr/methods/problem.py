@@ -81,7 +81,10 @@ class AttributionProblem:
     read its attention or rewrite its backward pass (:mod:`tokattr.methods.internals`); the
     others see it only through ``forward``. ``count(rows)``: such a method reports each pass it
     makes on the model directly (``rows`` the inputs of the sequences in it), so
-    ``model_evals`` counts them like the passes through ``forward``.
+    ``model_evals`` counts them like the passes through ``forward``. ``states_budget``: the
+    bytes of key/value states the prefix-sharing passes may hold at once
+    (:func:`tokattr.engine.memory.states_budget`; ``None``:
+    :data:`~tokattr.engine.memory.STATES_BUDGET`).
     """
 
     forward: Forward
@@ -100,6 +103,7 @@ class AttributionProblem:
     model: torch.nn.Module | None = None  # the causal LM, for methods that read its internals
     count: Callable[[TargetInputs], None] | None = None  # records passes made outside forward
     token_form: TokenForm | None = None  # the target per token: rows of one input share passes
+    states_budget: int | None = None  # bytes of key/value states held at once (None: default)
 
     @property
     def grouped(self) -> bool:
@@ -179,25 +183,17 @@ class AttributionProblem:
         return self.lead_mask.sum(-1)
 
     def select(self, rows: Tensor) -> AttributionProblem:
-        """The rows ``rows`` (an index tensor ``[n]``) as a problem of their own."""
+        """The rows ``rows`` (an index tensor ``[n]``) as a problem of their own (every other
+        field as it is)."""
         rows = rows.to(self.embeds.device)
-        return AttributionProblem(
-            forward=self.forward,
+        return dataclasses.replace(
+            self,
             embeds=self.embeds[rows],
             baselines=self.baselines[rows],
             feature_mask=self.feature_mask[rows],
             inputs=self.inputs.select(rows),
-            batch_size=self.batch_size,
             seeds=tuple(self.seeds[int(r)] for r in rows),
-            grad_batch_size=self.grad_batch_size,
-            prefix_ok=self.prefix_ok,
-            branches_ok=self.branches_ok,
-            shape=self.shape,
             feature_ids=None if self.feature_ids is None else self.feature_ids[rows],
-            log_prob_target=self.log_prob_target,
-            model=self.model,
-            count=self.count,
-            token_form=self.token_form,
         )
 
     def feature_columns(self) -> Tensor:
