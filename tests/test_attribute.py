@@ -146,7 +146,7 @@ def test_one_prompt_in_a_batch_uses_the_others_forwards():
     assert calls == [sum(len(r.tokens) for r in res) + 3]
 
 
-def _reusing_prefixes(lm, prompts, answers, batch_size, record):
+def _reusing_prefixes(lm, prompts, answers, batch_size, record, **kw):
     """Occlusion with prefix reuse, ``record(forward kwargs)`` kept for each model call, checked
     against full passes: the same scores and target scores, n + 1 evaluations per prompt.
     Returns its results and the records."""
@@ -155,10 +155,10 @@ def _reusing_prefixes(lm, prompts, answers, batch_size, record):
         lambda _, args, kwargs: records.append(record(kwargs)), with_kwargs=True
     )
     try:
-        reused = run(lm, prompts, "occlusion", answers, batch_size=batch_size)
+        reused = run(lm, prompts, "occlusion", answers, batch_size=batch_size, **kw)
     finally:
         hook.remove()
-    plain = run(lm, prompts, "occlusion", answers, batch_size=batch_size, prefix_reuse=False)
+    plain = run(lm, prompts, "occlusion", answers, batch_size=batch_size, prefix_reuse=False, **kw)
     for a, b in zip(reused, plain, strict=True):
         torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
         assert a.target_score == pytest.approx(b.target_score, abs=1e-5)
@@ -189,6 +189,26 @@ def test_occlusion_prefix_reuse_gives_the_same_scores_from_shorter_passes(arch, 
     assert sum(w[0] * w[1] for w in widths[1:]) < 0.75 * full * sum(w[0] for w in widths[1:])
 
 
+def _states_of_two_sequences(monkeypatch):
+    """The tiny Llama on four prompts, every row through passes from key/value states (none
+    packed), their padded width, and the bytes of two sequences' keys and values (fp32)."""
+    from tokattr.engine.capabilities import supports_branches
+
+    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
+    lm = tiny_lm("llama")
+    supports_branches(lm, log_prob)  # its one-off probe pass, before any hook
+    prompts = [SHORT] + [p for p, _ in OTHERS]
+    answers = [SHORT_ANSWER] + [a for _, a in OTHERS]
+    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    width = collate(lm.tokenizer, examples).input_ids.shape[1]
+    cfg = lm.model.config
+    return lm, prompts, answers, width, 2 * width * 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
+
+
+def _rows(kwargs):
+    return kwargs["inputs_embeds"].shape[0]
+
+
 def test_occlusion_passes_from_states_hold_no_more_sequences_than_their_states_budget(
     monkeypatch,
 ):
@@ -196,21 +216,10 @@ def test_occlusion_passes_from_states_hold_no_more_sequences_than_their_states_b
     prompts' perturbations of late columns (short re-runs, many per pass by tokens) must still
     fit the states budget, here two sequences' worth; the scores stay those of full passes."""
     from tokattr.engine import memory
-    from tokattr.engine.capabilities import supports_branches
 
-    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
-    lm = tiny_lm("llama")
-    supports_branches(lm, log_prob)
-    prompts = [SHORT] + [p for p, _ in OTHERS]
-    answers = [SHORT_ANSWER] + [a for _, a in OTHERS]
-    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
-    width = collate(lm.tokenizer, examples).input_ids.shape[1]
-    cfg = lm.model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # keys and values, fp32
-    monkeypatch.setattr(memory, "STATES_BUDGET", 2 * width * per_token)
-    _, rows = _reusing_prefixes(
-        lm, prompts, answers, 64, lambda kwargs: kwargs["inputs_embeds"].shape[0]
-    )
+    lm, prompts, answers, _, two = _states_of_two_sequences(monkeypatch)
+    monkeypatch.setattr(memory, "STATES_BUDGET", two)
+    _, rows = _reusing_prefixes(lm, prompts, answers, 64, _rows)
     assert rows[0] == len(prompts)  # the unperturbed pass, whose states the others read
     assert max(rows[1:]) == 2
 
@@ -221,41 +230,17 @@ def test_a_memory_budget_bounds_the_states_a_pass_from_them_holds(monkeypatch):
     two sequences' states gives passes of at most two sequences, where passes of the same size
     with the default states budget hold more; the scores stay those of full passes."""
     from tokattr.engine import memory
-    from tokattr.engine.capabilities import supports_branches
 
-    monkeypatch.setattr("tokattr.engine.loo.PACK_LIMIT", 0)
-    lm = tiny_lm("llama")
-    supports_branches(lm, log_prob)
-    prompts = [SHORT] + [p for p, _ in OTHERS]
-    answers = [SHORT_ANSWER] + [a for _, a in OTHERS]
-    examples = [encode_example(lm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
-    width = collate(lm.tokenizer, examples).input_ids.shape[1]
-    cfg = lm.model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # keys and values, fp32
+    lm, prompts, answers, width, two = _states_of_two_sequences(monkeypatch)
     # A tiny model's states are small beside its activations: a small share, so that the
     # budget's passes hold many sequences and its states two.
     monkeypatch.setattr(memory, "STATES_SHARE", 64)
-    budget = 64 * 2 * width * per_token
-    assert memory.states_budget(lm.device, budget) == 2 * width * per_token
-
-    def rows_per_pass(**kw):
-        rows = []
-        hook = lm.model.register_forward_pre_hook(
-            lambda _, a, k: rows.append(k["inputs_embeds"].shape[0]), with_kwargs=True
-        )
-        try:
-            out = run(lm, prompts, "occlusion", answers, **kw)
-        finally:
-            hook.remove()
-        return out, rows
-
+    budget = 64 * two
+    assert memory.states_budget(lm.device, budget) == two
     batch = memory.sequences_per_pass(lm.model, width, False, budget)
     assert batch >= 4
-    reused, budgeted = rows_per_pass(memory_budget=budget)
-    _, by_tokens = rows_per_pass(batch_size=batch)  # the same pass size, the default states
-    plain = run(lm, prompts, "occlusion", answers, batch_size=batch, prefix_reuse=False)
-    for a, b in zip(reused, plain, strict=True):
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+    _, budgeted = _reusing_prefixes(lm, prompts, answers, None, _rows, memory_budget=budget)
+    _, by_tokens = _reusing_prefixes(lm, prompts, answers, batch, _rows)  # default states
     assert max(budgeted[1:]) == 2
     assert max(by_tokens[1:]) > 2
 
