@@ -174,7 +174,10 @@ def test_two_processes_over_one_batch_and_a_resume_with_one_batch_left(tmp_path)
     (resumed / "attributions.jsonl").unlink()
     run = _bench(*_args("arith-tiny", data8, resumed, *ddp))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "4 examples complete)" in run.stderr
+    # Half the examples kept, with every method: as many results left as kept.
+    assert f"({len(kept)} of {2 * len(kept)} results already done, 4 examples complete)" in (
+        run.stderr
+    )
     again = _merged(resumed)
     assert [(r["example_id"], r["method"]) for r in again] == [
         (r["example_id"], r["method"]) for r in _merged(full)
